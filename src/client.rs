@@ -1,0 +1,653 @@
+//! The client core that both Rust SDKs wrap.
+//!
+//! A [`Client`] is one child's attachment to the master: it registers, keeps
+//! the stream open, dispatches incoming messages to handlers in arrival
+//! order, and matches the master's send results to the sends that asked for
+//! them. The SDK crates put a role-specific face on it.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tonic::Streaming;
+
+use crate::convert::{self, Inbound};
+use crate::pb;
+use crate::pb::messenger_client::MessengerClient;
+use crate::types::{Code, Identity, Origin, Outbound, Role, SendRequest, SendResult, Target, Undelivered};
+
+/// The action name under which `egg-ready` reaches `on` handlers.
+pub const EGG_READY: &str = "egg-ready";
+/// The action name under which `egg-pids` reaches `on` handlers (data: a JSON list of pids).
+pub const EGG_PIDS: &str = "egg-pids";
+/// The action name under which `agent-start` reaches `on` handlers.
+pub const AGENT_START: &str = "agent-start";
+
+/// How many messages without a handler are kept, before `ready()`, for
+/// handlers registered later. Past this the oldest are dropped with a warning.
+const EARLY_BUFFER: usize = 4096;
+/// Capacity of a `subscribe` stream. A full stream makes the dispatcher wait,
+/// which in turn slows the master's delivery to this process.
+const SUBSCRIPTION_BUFFER: usize = 1024;
+
+/// How to reach the master and who to register as.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// `host:port` of the master.
+    pub addr: String,
+    /// The single-use secret the master issued for this process.
+    pub secret: String,
+    /// The role to register as.
+    pub role: Role,
+    /// Exit the process when the stream to the master ends, as Egg's children
+    /// do: code 0 after a shutdown notice, 1 otherwise. On by default.
+    pub exit_on_disconnect: bool,
+    /// Frames that may wait to be written to the master before a send waits.
+    pub send_buffer: usize,
+}
+
+impl ConnectOptions {
+    /// Reads `CLUTCH_ADDR`, `CLUTCH_SECRET` and `CLUTCH_ROLE`, and checks that
+    /// the role is the one this program expects to be.
+    pub fn from_env(expected: Role) -> Result<Self, ConnectError> {
+        let var = |name: &'static str| std::env::var(name).map_err(|_| ConnectError::MissingEnv(name));
+        let addr = var(crate::env::ADDR)?;
+        let secret = var(crate::env::SECRET)?;
+        let role_text = var(crate::env::ROLE)?;
+        let role: Role = role_text.parse().map_err(|e: crate::types::UnknownRole| ConnectError::BadEnv {
+            var: crate::env::ROLE,
+            reason: e.to_string(),
+        })?;
+        if role != expected {
+            return Err(ConnectError::BadEnv {
+                var: crate::env::ROLE,
+                reason: format!("this program is a {expected}, but the master launched it as {role}"),
+            });
+        }
+        Ok(ConnectOptions {
+            addr,
+            secret,
+            role,
+            exit_on_disconnect: true,
+            send_buffer: 1024,
+        })
+    }
+}
+
+/// Why connecting to the master failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// A variable the master always sets is missing: not started by a master?
+    #[error("environment variable {0} is not set: is this process running under the Clutch master?")]
+    MissingEnv(&'static str),
+    /// A variable has a value this SDK cannot use.
+    #[error("environment variable {var}: {reason}")]
+    BadEnv {
+        /// The variable.
+        var: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The master could not be reached.
+    #[error("cannot reach the master: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The master refused the registration.
+    #[error("the master refused the registration ({code:?}): {message}")]
+    Rejected {
+        /// The gRPC status code.
+        code: Code,
+        /// The master's explanation.
+        message: String,
+    },
+    /// The master answered something this SDK does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Why a send failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The data could not be encoded as JSON.
+    #[error("cannot encode the data of {action:?} as JSON: {source}")]
+    Encode {
+        /// The action being sent.
+        action: String,
+        /// serde_json's reason.
+        source: serde_json::Error,
+    },
+    /// At least one target did not get the message (see each reason).
+    #[error("{action:?} did not reach {} target(s): {}", failures.len(), describe(failures))]
+    Undelivered {
+        /// The action sent.
+        action: String,
+        /// Processes it did reach.
+        delivered: u32,
+        /// Processes it is held for.
+        held: u32,
+        /// The targets it missed, each with a code and a reason.
+        failures: Vec<Undelivered>,
+    },
+    /// The stream to the master is gone.
+    #[error("the connection to the master is closed")]
+    Disconnected,
+}
+
+fn describe(failures: &[Undelivered]) -> String {
+    failures
+        .iter()
+        .map(|f| format!("{:?}: {}", f.code, f.message))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl SendError {
+    /// The gRPC code of the first failure, if the master reported one.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            SendError::Undelivered { failures, .. } => failures.first().map(|f| f.code),
+            _ => None,
+        }
+    }
+
+    /// True when the target pid does not exist (Egg's silent `sendTo` loss).
+    pub fn is_not_found(&self) -> bool {
+        self.code() == Some(Code::NotFound)
+    }
+}
+
+/// Why a received message could not be read as the requested type.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot decode the data of {action:?}: {source}")]
+pub struct DecodeError {
+    /// The message's action.
+    pub action: String,
+    /// serde_json's reason.
+    pub source: serde_json::Error,
+}
+
+/// What the master did with a send that asked for a result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    /// Processes the message was handed to.
+    pub delivered: u32,
+    /// Processes it is held for until they register.
+    pub held: u32,
+}
+
+/// A message delivered to this process.
+#[derive(Clone, Debug)]
+pub struct Message {
+    /// The action name.
+    pub action: Arc<str>,
+    /// The payload as sent: UTF-8 JSON by convention.
+    pub data: Bytes,
+    /// Who sent it.
+    pub from: Origin,
+}
+
+impl Message {
+    /// Reads the payload as JSON into `T`. Empty data reads as JSON `null`.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
+        let text: &[u8] = if self.data.is_empty() { b"null" } else { &self.data };
+        serde_json::from_slice(text).map_err(|source| DecodeError {
+            action: self.action.to_string(),
+            source,
+        })
+    }
+}
+
+type OnHandler = Arc<dyn Fn(Message) + Send + Sync>;
+type OnceHandler = Box<dyn FnOnce(Message) + Send>;
+
+enum Handler {
+    On(OnHandler),
+    Once(Option<OnceHandler>),
+    Stream(mpsc::Sender<Message>),
+}
+
+/// Changes to the handler table. They are applied by the dispatcher task
+/// before it reads the next frame, so a handler registered before a message
+/// arrives always sees it.
+enum Command {
+    Subscribe(Arc<str>, Handler),
+    /// `ready()` was called: stop keeping unhandled messages for later.
+    StopBuffering,
+}
+
+/// Shared state between the client handles and the dispatcher task.
+struct Inner {
+    /// Who the master says we are.
+    identity: Identity,
+    /// Frames to the master; bounded, so a fast sender waits for the socket.
+    frames: mpsc::Sender<pb::ClientFrame>,
+    /// Send ids, unique per client.
+    next_id: AtomicU64,
+    /// Sends waiting for their result, by id.
+    pending: Mutex<HashMap<u64, oneshot::Sender<SendResult>>>,
+    /// Handler changes not yet applied by the dispatcher.
+    commands: Mutex<Vec<Command>>,
+    /// Wakes the dispatcher when `commands` grows.
+    commands_changed: Notify,
+    /// Called with results of fire-and-forget sends that missed a target.
+    on_undelivered: Mutex<Option<Arc<dyn Fn(SendResult) + Send + Sync>>>,
+    /// Whether `ready` was sent (it is sent once).
+    ready_sent: AtomicBool,
+    /// Becomes true at `egg-ready`.
+    egg_ready: watch::Sender<bool>,
+    /// The last `egg-pids`.
+    egg_pids: watch::Sender<Arc<[u32]>>,
+    /// Becomes `Some(grace_ms)` at the master's shutdown notice.
+    shutdown: watch::Sender<Option<u32>>,
+    /// Becomes true when the stream to the master has ended.
+    closed: watch::Sender<bool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A handler panic is caught before it can poison these locks; if one is
+    // poisoned anyway, the data is still consistent (every critical section
+    // is a single insert or take), so carry on.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One child's connection to the master. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("identity", &self.inner.identity).finish()
+    }
+}
+
+impl Client {
+    /// Connects to the master, registers, and starts dispatching.
+    pub async fn connect(opts: ConnectOptions) -> Result<Client, ConnectError> {
+        let endpoint = Endpoint::from_shared(format!("http://{}", opts.addr))
+            .map_err(|e| ConnectError::BadEnv {
+                var: crate::env::ADDR,
+                reason: format!("{:?} is not a host:port: {e}", opts.addr),
+            })?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(10));
+        let channel = endpoint.connect().await?;
+        let mut grpc = MessengerClient::new(channel).max_decoding_message_size(usize::MAX);
+        let (frames, rx) = mpsc::channel(opts.send_buffer.max(1));
+        // The master answers the call only after it has read the register
+        // frame, so the frame must be queued before the call is awaited.
+        frames
+            .send(convert::register_to_pb(&opts.secret, opts.role))
+            .await
+            .map_err(|_| ConnectError::Protocol("request stream closed before registering".into()))?;
+        let rejected = |s: tonic::Status| ConnectError::Rejected {
+            code: s.code(),
+            message: s.message().to_owned(),
+        };
+        let mut stream = grpc.attach(ReceiverStream::new(rx)).await.map_err(rejected)?.into_inner();
+        let identity = match stream.message().await.map_err(rejected)?.and_then(convert::outbound_from_pb) {
+            Some(Inbound::Welcome(Some(identity))) => identity,
+            Some(_) => return Err(ConnectError::Protocol("the first frame from the master was not `welcome`".into())),
+            None => return Err(ConnectError::Protocol("the master closed the stream without a welcome".into())),
+        };
+        let inner = Arc::new(Inner {
+            identity,
+            frames,
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+            commands: Mutex::new(Vec::new()),
+            commands_changed: Notify::new(),
+            on_undelivered: Mutex::new(None),
+            ready_sent: AtomicBool::new(false),
+            egg_ready: watch::Sender::new(false),
+            egg_pids: watch::Sender::new(Arc::from(Vec::new())),
+            shutdown: watch::Sender::new(None),
+            closed: watch::Sender::new(false),
+        });
+        tokio::spawn(dispatch(inner.clone(), stream, opts.exit_on_disconnect));
+        tracing::debug!(?identity, "registered with the master");
+        Ok(Client { inner })
+    }
+
+    /// Who the master says this process is.
+    pub fn identity(&self) -> Identity {
+        self.inner.identity
+    }
+
+    /// Calls `handler` for every message with this action, in arrival order,
+    /// on the dispatcher task. Keep it short; spawn for slow work.
+    pub fn on<F>(&self, action: &str, handler: F)
+    where
+        F: Fn(Message) + Send + Sync + 'static,
+    {
+        self.command(Command::Subscribe(Arc::from(action), Handler::On(Arc::new(handler))));
+    }
+
+    /// Calls `handler` for the next message with this action only.
+    pub fn once<F>(&self, action: &str, handler: F)
+    where
+        F: FnOnce(Message) + Send + 'static,
+    {
+        self.command(Command::Subscribe(Arc::from(action), Handler::Once(Some(Box::new(handler)))));
+    }
+
+    /// The messages with this action as a stream. The stream is bounded: if
+    /// it is not read, dispatch to this process waits for it.
+    pub fn subscribe(&self, action: &str) -> impl Stream<Item = Message> + Send + 'static {
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        self.command(Command::Subscribe(Arc::from(action), Handler::Stream(tx)));
+        ReceiverStream::new(rx)
+    }
+
+    /// Replaces the default handling (a warning in the log) of fire-and-forget
+    /// sends that missed a target.
+    pub fn on_undelivered<F>(&self, handler: F)
+    where
+        F: Fn(SendResult) + Send + Sync + 'static,
+    {
+        *lock(&self.inner.on_undelivered) = Some(Arc::new(handler));
+    }
+
+    fn command(&self, command: Command) {
+        lock(&self.inner.commands).push(command);
+        self.inner.commands_changed.notify_one();
+    }
+
+    /// Tells the master this process is ready. Idempotent.
+    pub async fn ready(&self) -> Result<(), SendError> {
+        if self.inner.ready_sent.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.command(Command::StopBuffering);
+        self.frame(convert::ready_to_pb()).await
+    }
+
+    /// Waits for `egg-ready`: every process in the cluster is ready.
+    pub async fn egg_ready(&self) -> Result<(), SendError> {
+        let mut ready = self.inner.egg_ready.subscribe();
+        let mut closed = self.inner.closed.subscribe();
+        tokio::select! {
+            r = ready.wait_for(|r| *r) => r.map(|_| ()).map_err(|_| SendError::Disconnected),
+            _ = closed.wait_for(|c| *c) => Err(SendError::Disconnected),
+        }
+    }
+
+    /// True once `egg-ready` has arrived.
+    pub fn is_egg_ready(&self) -> bool {
+        *self.inner.egg_ready.borrow()
+    }
+
+    /// The pids from the last `egg-pids`.
+    pub fn egg_pids(&self) -> Arc<[u32]> {
+        self.inner.egg_pids.borrow().clone()
+    }
+
+    /// Waits for the master's shutdown notice and returns the grace period
+    /// before SIGTERM. Returns `None` if the stream ended without one.
+    pub async fn shutdown_notice(&self) -> Option<Duration> {
+        let mut shutdown = self.inner.shutdown.subscribe();
+        let mut closed = self.inner.closed.subscribe();
+        tokio::select! {
+            r = shutdown.wait_for(Option::is_some) => r.ok().and_then(|g| g.map(|ms| Duration::from_millis(ms.into()))),
+            _ = closed.wait_for(|c| *c) => (*self.inner.shutdown.borrow()).map(|ms| Duration::from_millis(ms.into())),
+        }
+    }
+
+    /// Waits until the stream to the master has ended.
+    pub async fn closed(&self) {
+        let mut closed = self.inner.closed.subscribe();
+        let _ = closed.wait_for(|c| *c).await;
+    }
+
+    /// Sends `data` (as JSON) and waits for the master's account of it.
+    /// Fails if any target was not reached, e.g. NOT_FOUND for an unknown pid.
+    pub async fn send<T: Serialize + ?Sized>(&self, target: Target, action: &str, data: &T) -> Result<Receipt, SendError> {
+        self.send_bytes(target, action, encode(action, data)?).await
+    }
+
+    /// Like [`Client::send`] with a payload that is already encoded.
+    pub async fn send_bytes(&self, target: Target, action: &str, data: Bytes) -> Result<Receipt, SendError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.pending).insert(id, tx);
+        let sent = self.frame(send_frame(id, target, action, data, true)).await;
+        if let Err(e) = sent {
+            lock(&self.inner.pending).remove(&id);
+            return Err(e);
+        }
+        let result = rx.await.map_err(|_| SendError::Disconnected)?;
+        if result.undelivered.is_empty() {
+            Ok(Receipt {
+                delivered: result.delivered,
+                held: result.held,
+            })
+        } else {
+            Err(SendError::Undelivered {
+                action: action.to_owned(),
+                delivered: result.delivered,
+                held: result.held,
+                failures: result.undelivered,
+            })
+        }
+    }
+
+    /// Sends `data` (as JSON) without waiting for the master's account: the
+    /// fast path for streams of messages. A target that is missed is reported
+    /// to the [`Client::on_undelivered`] handler.
+    pub async fn emit<T: Serialize + ?Sized>(&self, target: Target, action: &str, data: &T) -> Result<(), SendError> {
+        self.emit_bytes(target, action, encode(action, data)?).await
+    }
+
+    /// Like [`Client::emit`] with a payload that is already encoded.
+    pub async fn emit_bytes(&self, target: Target, action: &str, data: Bytes) -> Result<(), SendError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        self.frame(send_frame(id, target, action, data, false)).await
+    }
+
+    async fn frame(&self, frame: pb::ClientFrame) -> Result<(), SendError> {
+        self.inner.frames.send(frame).await.map_err(|_| SendError::Disconnected)
+    }
+}
+
+fn encode<T: Serialize + ?Sized>(action: &str, data: &T) -> Result<Bytes, SendError> {
+    serde_json::to_vec(data).map(Bytes::from).map_err(|source| SendError::Encode {
+        action: action.to_owned(),
+        source,
+    })
+}
+
+fn send_frame(id: u64, target: Target, action: &str, data: Bytes, want_result: bool) -> pb::ClientFrame {
+    convert::send_to_pb(SendRequest {
+        id,
+        target: Some(target),
+        action: action.to_owned(),
+        data,
+        want_result,
+    })
+}
+
+/// The dispatcher's own state: only its task touches it, so handlers run in
+/// arrival order without locks around user code.
+struct Dispatcher {
+    handlers: HashMap<Arc<str>, Vec<Handler>>,
+    /// Messages that arrived before `ready()` with no handler yet.
+    early: VecDeque<Message>,
+    buffering: bool,
+}
+
+impl Dispatcher {
+    async fn apply(&mut self, inner: &Inner) {
+        let commands = std::mem::take(&mut *lock(&inner.commands));
+        for command in commands {
+            match command {
+                Command::StopBuffering => {
+                    self.buffering = false;
+                    if !self.early.is_empty() {
+                        tracing::debug!(count = self.early.len(), "dropping messages that no handler subscribed to before ready()");
+                        self.early.clear();
+                    }
+                }
+                Command::Subscribe(action, handler) => {
+                    self.handlers.entry(action.clone()).or_default().push(handler);
+                    // Replay what arrived for this action before it had a handler.
+                    let (matching, rest): (VecDeque<Message>, VecDeque<Message>) =
+                        std::mem::take(&mut self.early).into_iter().partition(|m| m.action == action);
+                    self.early = rest;
+                    for message in matching {
+                        self.deliver(message).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn deliver(&mut self, message: Message) {
+        let Some(handlers) = self.handlers.get_mut(&message.action) else {
+            if self.buffering {
+                if self.early.len() == EARLY_BUFFER {
+                    tracing::warn!(action = %message.action, "no handler before ready(): early-message buffer full, dropping the oldest");
+                    self.early.pop_front();
+                }
+                self.early.push_back(message);
+            } else {
+                tracing::debug!(action = %message.action, "no handler for this action; message ignored");
+            }
+            return;
+        };
+        let mut i = 0;
+        while i < handlers.len() {
+            let keep = match &mut handlers[i] {
+                Handler::On(f) => {
+                    let f = f.clone();
+                    call(&message, move |m| f(m));
+                    true
+                }
+                Handler::Once(f) => {
+                    if let Some(f) = f.take() {
+                        call(&message, f);
+                    }
+                    false
+                }
+                Handler::Stream(tx) => tx.send(message.clone()).await.is_ok(),
+            };
+            if keep {
+                i += 1;
+            } else {
+                handlers.remove(i);
+            }
+        }
+    }
+}
+
+/// Runs a user handler; a panic is logged instead of killing the dispatcher.
+fn call<F: FnOnce(Message)>(message: &Message, f: F) {
+    let action = message.action.clone();
+    if std::panic::catch_unwind(AssertUnwindSafe(|| f(message.clone()))).is_err() {
+        tracing::error!(%action, "a message handler panicked; dispatch goes on");
+    }
+}
+
+async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<pb::ServerFrame>, exit_on_disconnect: bool) {
+    let mut d = Dispatcher {
+        handlers: HashMap::new(),
+        early: VecDeque::new(),
+        buffering: true,
+    };
+    let master = Origin {
+        role: Role::Master,
+        pid: inner.identity.master_pid,
+        worker_id: 0,
+    };
+    let synthetic = |action: &str, data: String| Message {
+        action: Arc::from(action),
+        data: Bytes::from(data),
+        from: master,
+    };
+    let ended_cleanly = loop {
+        d.apply(&inner).await;
+        let frame = tokio::select! {
+            biased;
+            _ = inner.commands_changed.notified() => continue,
+            frame = stream.message() => frame,
+        };
+        let out = match frame {
+            Ok(Some(frame)) => match convert::outbound_from_pb(frame) {
+                Some(Inbound::Outbound(out)) => out,
+                Some(Inbound::Welcome(_)) => {
+                    tracing::warn!("ignoring a second welcome from the master");
+                    continue;
+                }
+                None => continue,
+            },
+            Ok(None) => break true,
+            Err(status) => {
+                tracing::debug!(%status, "stream to the master failed");
+                break false;
+            }
+        };
+        match out {
+            Outbound::Message(m) => {
+                d.deliver(Message {
+                    action: m.action,
+                    data: m.data,
+                    from: m.from,
+                })
+                .await
+            }
+            Outbound::EggReady => {
+                inner.egg_ready.send_replace(true);
+                d.deliver(synthetic(EGG_READY, "null".into())).await;
+            }
+            Outbound::EggPids(pids) => {
+                let json = serde_json::to_string(&*pids).unwrap_or_else(|_| "[]".into());
+                inner.egg_pids.send_replace(pids);
+                d.deliver(synthetic(EGG_PIDS, json)).await;
+            }
+            Outbound::AgentStart { .. } => d.deliver(synthetic(AGENT_START, "null".into())).await,
+            Outbound::SendResult(result) => {
+                let waiter = lock(&inner.pending).remove(&result.id);
+                match waiter {
+                    Some(tx) => {
+                        let _ = tx.send(result);
+                    }
+                    None if result.undelivered.is_empty() => {}
+                    None => {
+                        let handler = lock(&inner.on_undelivered).clone();
+                        match handler {
+                            Some(h) => h(result),
+                            None => tracing::warn!(
+                                action = %result.action,
+                                failures = %describe(&result.undelivered),
+                                "a message did not reach every target"
+                            ),
+                        }
+                    }
+                }
+            }
+            Outbound::Shutdown { grace_ms } => {
+                inner.shutdown.send_replace(Some(grace_ms));
+            }
+        }
+    };
+    inner.closed.send_replace(true);
+    // Dropping the waiters fails every pending send with `Disconnected`.
+    lock(&inner.pending).clear();
+    if exit_on_disconnect {
+        let noticed = inner.shutdown.borrow().is_some();
+        if noticed {
+            tracing::info!("the master shut the cluster down; exiting");
+            std::process::exit(0);
+        }
+        tracing::error!(clean = ended_cleanly, "lost the connection to the master; exiting");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,34 @@
+//! # clutch — the protocol layer
+//!
+//! Clutch runs Egg.js's master / agent / worker cluster model as a gRPC
+//! control plane. This crate is its protocol layer, and the only crate that
+//! knows the generated proto types:
+//!
+//! - [`types`]: the domain values (roles, targets, deliveries, frames) that
+//!   the master and the SDKs exchange with this crate;
+//! - [`env`]: the environment variables a child is configured with;
+//! - [`server`]: the master side of the `Messenger` stream, over a
+//!   [`server::Hub`] that the master implements;
+//! - [`client`]: the child side, the core that `agent-sdk` and `worker-sdk`
+//!   wrap;
+//! - `convert` (private): wire ⇄ domain conversions.
+//!
+//! The wire format is `proto/clutch/v1/messenger.proto`.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod client;
+mod convert;
+pub mod env;
+pub mod server;
+pub mod types;
+
+/// The generated code. Private: everything outside this crate uses [`types`].
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+mod pb {
+    tonic::include_proto!("clutch.v1");
+}
+
+pub use client::{Client, ConnectError, ConnectOptions, DecodeError, Message, Receipt, SendError};
+pub use types::{Code, Delivery, Identity, Origin, Outbound, Role, SendResult, Target, Undelivered};

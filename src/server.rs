@@ -1,0 +1,193 @@
+//! The master side of the `Messenger` service.
+//!
+//! This adapter speaks the wire protocol and nothing else: it reads the
+//! register frame, asks a [`Hub`] (the master's routing core) to attach the
+//! child, then pumps frames in both directions in domain terms. It owns the
+//! protocol rules (the first frame registers, only the first) so that the hub
+//! never sees a malformed stream.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::convert;
+use crate::pb;
+use crate::pb::messenger_server::{Messenger, MessengerServer};
+use crate::types::{Identity, Outbound, RegisterError, Registration, SendRequest};
+
+/// The routing core the adapter hands attached children to.
+pub trait Hub: Send + Sync + 'static {
+    /// The per-stream handle for an attached child.
+    type Session: Session;
+    /// Checks a registration and attaches the child.
+    fn attach(&self, registration: Registration) -> Result<(Identity, Self::Session), RegisterError>;
+}
+
+/// One attached child, as seen by the adapter.
+pub trait Session: Send + Sync + 'static {
+    /// The frames for this child, in order. It ends when the child is
+    /// detached or the master closes the stream.
+    fn outbound(&self) -> Pin<Box<dyn Stream<Item = Outbound> + Send>>;
+    /// The child declared itself ready.
+    fn ready(&self);
+    /// The child asks to route a message. The returned future completes when
+    /// the adapter may read the child's next frame: this is where the hub
+    /// applies flow control to a flooding sender.
+    fn send(&self, request: SendRequest) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// The child's inbound stream ended (cleanly or not).
+    fn detach(&self);
+}
+
+/// The tonic service for [`Hub`]; add it to a `tonic::transport::Server`.
+pub fn service<H: Hub>(hub: H, register_timeout: Duration) -> MessengerServer<Adapter<H>> {
+    MessengerServer::new(Adapter {
+        hub: Arc::new(hub),
+        register_timeout,
+    })
+    // The hub enforces its own payload limit with a precise error; tonic's
+    // default of 4 MiB would otherwise cut the stream with a vaguer one.
+    .max_decoding_message_size(usize::MAX)
+}
+
+/// Implements the generated `Messenger` trait over a [`Hub`].
+pub struct Adapter<H> {
+    /// The master's routing core.
+    hub: Arc<H>,
+    /// How long a new stream may take to send its register frame.
+    register_timeout: Duration,
+}
+
+#[tonic::async_trait]
+impl<H: Hub> Messenger for Adapter<H> {
+    type AttachStream = AttachStream;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<pb::ClientFrame>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = match tokio::time::timeout(self.register_timeout, inbound.message()).await {
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "no register frame within {} ms of opening the stream",
+                    self.register_timeout.as_millis()
+                )))
+            }
+            Ok(Err(status)) => return Err(status),
+            Ok(Ok(None)) => {
+                return Err(Status::invalid_argument(
+                    "the stream closed before its register frame",
+                ))
+            }
+            Ok(Ok(Some(frame))) => frame,
+        };
+        let registration = match first.kind {
+            Some(pb::client_frame::Kind::Register(r)) => convert::registration_from_pb(r),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "the first frame must be `register`, got {}",
+                    kind_name(other.as_ref())
+                )))
+            }
+        };
+        let (identity, session) = self
+            .hub
+            .attach(registration)
+            .map_err(|e| Status::new(e.code(), e.to_string()))?;
+        let session = Arc::new(session);
+        let (violation_tx, violation_rx) = oneshot::channel();
+        tokio::spawn(pump_inbound(session.clone(), inbound, violation_tx));
+        Ok(Response::new(AttachStream {
+            welcome: Some(convert::welcome_to_pb(&identity)),
+            outbound: session.outbound(),
+            violation: Some(violation_rx),
+        }))
+    }
+}
+
+fn kind_name(kind: Option<&pb::client_frame::Kind>) -> &'static str {
+    match kind {
+        None => "an empty frame",
+        Some(pb::client_frame::Kind::Register(_)) => "`register`",
+        Some(pb::client_frame::Kind::Ready(_)) => "`ready`",
+        Some(pb::client_frame::Kind::Send(_)) => "`send`",
+    }
+}
+
+/// Reads a child's frames after registration until its stream ends. A
+/// protocol violation ends the child's response stream with a status.
+async fn pump_inbound<S: Session>(
+    session: Arc<S>,
+    mut inbound: Streaming<pb::ClientFrame>,
+    violation: oneshot::Sender<Status>,
+) {
+    loop {
+        let frame = match inbound.message().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(status) => {
+                tracing::debug!(%status, "child stream failed");
+                break;
+            }
+        };
+        match frame.kind {
+            Some(pb::client_frame::Kind::Send(s)) => session.send(convert::send_from_pb(s)).await,
+            Some(pb::client_frame::Kind::Ready(_)) => session.ready(),
+            Some(pb::client_frame::Kind::Register(_)) => {
+                let _ = violation.send(Status::failed_precondition(
+                    "this stream is already registered: `register` is only valid as the first frame",
+                ));
+                break;
+            }
+            None => {
+                let _ = violation.send(Status::invalid_argument(
+                    "empty frame: set one of register, ready or send",
+                ));
+                break;
+            }
+        }
+    }
+    session.detach();
+}
+
+/// The response stream of `Attach`: the welcome, then the hub's frames,
+/// cut short by a status if the child breaks the protocol.
+pub struct AttachStream {
+    /// Sent first, exactly once.
+    welcome: Option<pb::ServerFrame>,
+    /// The hub's frames for this child.
+    outbound: Pin<Box<dyn Stream<Item = Outbound> + Send>>,
+    /// Fires when the child broke the protocol; `None` once it has fired
+    /// or once the inbound side ended without a violation.
+    violation: Option<oneshot::Receiver<Status>>,
+}
+
+impl Stream for AttachStream {
+    type Item = Result<pb::ServerFrame, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(welcome) = self.welcome.take() {
+            return Poll::Ready(Some(Ok(welcome)));
+        }
+        if let Some(rx) = self.violation.as_mut() {
+            match Pin::new(rx).poll(cx) {
+                Poll::Ready(Ok(status)) => {
+                    self.violation = None;
+                    self.outbound = Box::pin(futures_util::stream::empty());
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(Err(_)) => self.violation = None,
+                Poll::Pending => {}
+            }
+        }
+        self.outbound
+            .poll_next_unpin(cx)
+            .map(|o| o.map(|out| Ok(convert::outbound_to_pb(out))))
+    }
+}
