@@ -23,7 +23,9 @@ use tonic::Streaming;
 use crate::convert::{self, Inbound};
 use crate::pb;
 use crate::pb::messenger_client::MessengerClient;
-use crate::types::{Code, Identity, Origin, Outbound, Role, SendRequest, SendResult, Target, Undelivered};
+use crate::types::{
+    Code, Identity, Origin, Outbound, Role, SendRequest, SendResult, Target, Undelivered,
+};
 
 /// The action name under which `egg-ready` reaches `on` handlers.
 pub const EGG_READY: &str = "egg-ready";
@@ -59,18 +61,24 @@ impl ConnectOptions {
     /// Reads `CLUTCH_ADDR`, `CLUTCH_SECRET` and `CLUTCH_ROLE`, and checks that
     /// the role is the one this program expects to be.
     pub fn from_env(expected: Role) -> Result<Self, ConnectError> {
-        let var = |name: &'static str| std::env::var(name).map_err(|_| ConnectError::MissingEnv(name));
+        let var =
+            |name: &'static str| std::env::var(name).map_err(|_| ConnectError::MissingEnv(name));
         let addr = var(crate::env::ADDR)?;
         let secret = var(crate::env::SECRET)?;
         let role_text = var(crate::env::ROLE)?;
-        let role: Role = role_text.parse().map_err(|e: crate::types::UnknownRole| ConnectError::BadEnv {
-            var: crate::env::ROLE,
-            reason: e.to_string(),
-        })?;
+        let role: Role =
+            role_text
+                .parse()
+                .map_err(|e: crate::types::UnknownRole| ConnectError::BadEnv {
+                    var: crate::env::ROLE,
+                    reason: e.to_string(),
+                })?;
         if role != expected {
             return Err(ConnectError::BadEnv {
                 var: crate::env::ROLE,
-                reason: format!("this program is a {expected}, but the master launched it as {role}"),
+                reason: format!(
+                    "this program is a {expected}, but the master launched it as {role}"
+                ),
             });
         }
         Ok(ConnectOptions {
@@ -87,7 +95,9 @@ impl ConnectOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// A variable the master always sets is missing: not started by a master?
-    #[error("environment variable {0} is not set: is this process running under the Clutch master?")]
+    #[error(
+        "environment variable {0} is not set: is this process running under the Clutch master?"
+    )]
     MissingEnv(&'static str),
     /// A variable has a value this SDK cannot use.
     #[error("environment variable {var}: {reason}")]
@@ -197,7 +207,11 @@ pub struct Message {
 impl Message {
     /// Reads the payload as JSON into `T`. Empty data reads as JSON `null`.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
-        let text: &[u8] = if self.data.is_empty() { b"null" } else { &self.data };
+        let text: &[u8] = if self.data.is_empty() {
+            b"null"
+        } else {
+            &self.data
+        };
         serde_json::from_slice(text).map_err(|source| DecodeError {
             action: self.action.to_string(),
             source,
@@ -266,7 +280,9 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("identity", &self.inner.identity).finish()
+        f.debug_struct("Client")
+            .field("identity", &self.inner.identity)
+            .finish()
     }
 }
 
@@ -288,16 +304,35 @@ impl Client {
         frames
             .send(convert::register_to_pb(&opts.secret, opts.role))
             .await
-            .map_err(|_| ConnectError::Protocol("request stream closed before registering".into()))?;
+            .map_err(|_| {
+                ConnectError::Protocol("request stream closed before registering".into())
+            })?;
         let rejected = |s: tonic::Status| ConnectError::Rejected {
             code: s.code(),
             message: s.message().to_owned(),
         };
-        let mut stream = grpc.attach(ReceiverStream::new(rx)).await.map_err(rejected)?.into_inner();
-        let identity = match stream.message().await.map_err(rejected)?.and_then(convert::outbound_from_pb) {
+        let mut stream = grpc
+            .attach(ReceiverStream::new(rx))
+            .await
+            .map_err(rejected)?
+            .into_inner();
+        let identity = match stream
+            .message()
+            .await
+            .map_err(rejected)?
+            .and_then(convert::outbound_from_pb)
+        {
             Some(Inbound::Welcome(Some(identity))) => identity,
-            Some(_) => return Err(ConnectError::Protocol("the first frame from the master was not `welcome`".into())),
-            None => return Err(ConnectError::Protocol("the master closed the stream without a welcome".into())),
+            Some(_) => {
+                return Err(ConnectError::Protocol(
+                    "the first frame from the master was not `welcome`".into(),
+                ))
+            }
+            None => {
+                return Err(ConnectError::Protocol(
+                    "the master closed the stream without a welcome".into(),
+                ))
+            }
         };
         let inner = Arc::new(Inner {
             identity,
@@ -329,7 +364,10 @@ impl Client {
     where
         F: Fn(Message) + Send + Sync + 'static,
     {
-        self.command(Command::Subscribe(Arc::from(action), Handler::On(Arc::new(handler))));
+        self.command(Command::Subscribe(
+            Arc::from(action),
+            Handler::On(Arc::new(handler)),
+        ));
     }
 
     /// Calls `handler` for the next message with this action only.
@@ -337,7 +375,10 @@ impl Client {
     where
         F: FnOnce(Message) + Send + 'static,
     {
-        self.command(Command::Subscribe(Arc::from(action), Handler::Once(Some(Box::new(handler)))));
+        self.command(Command::Subscribe(
+            Arc::from(action),
+            Handler::Once(Some(Box::new(handler))),
+        ));
     }
 
     /// The messages with this action as a stream. The stream is bounded: if
@@ -410,12 +451,60 @@ impl Client {
 
     /// Sends `data` (as JSON) and waits for the master's account of it.
     /// Fails if any target was not reached, e.g. NOT_FOUND for an unknown pid.
-    pub async fn send<T: Serialize + ?Sized>(&self, target: Target, action: &str, data: &T) -> Result<Receipt, SendError> {
+    pub async fn send<T: Serialize + ?Sized>(
+        &self,
+        target: Target,
+        action: &str,
+        data: &T,
+    ) -> Result<Receipt, SendError> {
         self.send_bytes(target, action, encode(action, data)?).await
     }
 
+    /// Egg's `broadcast`: the agent and every app worker, this process included.
+    pub async fn broadcast<T: Serialize + ?Sized>(
+        &self,
+        action: &str,
+        data: &T,
+    ) -> Result<Receipt, SendError> {
+        self.send(Target::Broadcast, action, data).await
+    }
+
+    /// Egg's `sendToApp`: every app worker (this one too, if it is an app).
+    pub async fn send_to_app<T: Serialize + ?Sized>(
+        &self,
+        action: &str,
+        data: &T,
+    ) -> Result<Receipt, SendError> {
+        self.send(Target::Apps, action, data).await
+    }
+
+    /// Egg's `sendToAgent`: the agent.
+    pub async fn send_to_agent<T: Serialize + ?Sized>(
+        &self,
+        action: &str,
+        data: &T,
+    ) -> Result<Receipt, SendError> {
+        self.send(Target::Agent, action, data).await
+    }
+
+    /// Egg's `sendTo(pid)`: the one process with this pid. An unknown pid
+    /// fails with [`SendError::Undelivered`] and code NOT_FOUND.
+    pub async fn send_to<T: Serialize + ?Sized>(
+        &self,
+        pid: u32,
+        action: &str,
+        data: &T,
+    ) -> Result<Receipt, SendError> {
+        self.send(Target::Pid(pid), action, data).await
+    }
+
     /// Like [`Client::send`] with a payload that is already encoded.
-    pub async fn send_bytes(&self, target: Target, action: &str, data: Bytes) -> Result<Receipt, SendError> {
+    pub async fn send_bytes(
+        &self,
+        target: Target,
+        action: &str,
+        data: Bytes,
+    ) -> Result<Receipt, SendError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&self.inner.pending).insert(id, tx);
@@ -443,29 +532,52 @@ impl Client {
     /// Sends `data` (as JSON) without waiting for the master's account: the
     /// fast path for streams of messages. A target that is missed is reported
     /// to the [`Client::on_undelivered`] handler.
-    pub async fn emit<T: Serialize + ?Sized>(&self, target: Target, action: &str, data: &T) -> Result<(), SendError> {
+    pub async fn emit<T: Serialize + ?Sized>(
+        &self,
+        target: Target,
+        action: &str,
+        data: &T,
+    ) -> Result<(), SendError> {
         self.emit_bytes(target, action, encode(action, data)?).await
     }
 
     /// Like [`Client::emit`] with a payload that is already encoded.
-    pub async fn emit_bytes(&self, target: Target, action: &str, data: Bytes) -> Result<(), SendError> {
+    pub async fn emit_bytes(
+        &self,
+        target: Target,
+        action: &str,
+        data: Bytes,
+    ) -> Result<(), SendError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        self.frame(send_frame(id, target, action, data, false)).await
+        self.frame(send_frame(id, target, action, data, false))
+            .await
     }
 
     async fn frame(&self, frame: pb::ClientFrame) -> Result<(), SendError> {
-        self.inner.frames.send(frame).await.map_err(|_| SendError::Disconnected)
+        self.inner
+            .frames
+            .send(frame)
+            .await
+            .map_err(|_| SendError::Disconnected)
     }
 }
 
 fn encode<T: Serialize + ?Sized>(action: &str, data: &T) -> Result<Bytes, SendError> {
-    serde_json::to_vec(data).map(Bytes::from).map_err(|source| SendError::Encode {
-        action: action.to_owned(),
-        source,
-    })
+    serde_json::to_vec(data)
+        .map(Bytes::from)
+        .map_err(|source| SendError::Encode {
+            action: action.to_owned(),
+            source,
+        })
 }
 
-fn send_frame(id: u64, target: Target, action: &str, data: Bytes, want_result: bool) -> pb::ClientFrame {
+fn send_frame(
+    id: u64,
+    target: Target,
+    action: &str,
+    data: Bytes,
+    want_result: bool,
+) -> pb::ClientFrame {
     convert::send_to_pb(SendRequest {
         id,
         target: Some(target),
@@ -492,15 +604,23 @@ impl Dispatcher {
                 Command::StopBuffering => {
                     self.buffering = false;
                     if !self.early.is_empty() {
-                        tracing::debug!(count = self.early.len(), "dropping messages that no handler subscribed to before ready()");
+                        tracing::debug!(
+                            count = self.early.len(),
+                            "dropping messages that no handler subscribed to before ready()"
+                        );
                         self.early.clear();
                     }
                 }
                 Command::Subscribe(action, handler) => {
-                    self.handlers.entry(action.clone()).or_default().push(handler);
+                    self.handlers
+                        .entry(action.clone())
+                        .or_default()
+                        .push(handler);
                     // Replay what arrived for this action before it had a handler.
                     let (matching, rest): (VecDeque<Message>, VecDeque<Message>) =
-                        std::mem::take(&mut self.early).into_iter().partition(|m| m.action == action);
+                        std::mem::take(&mut self.early)
+                            .into_iter()
+                            .partition(|m| m.action == action);
                     self.early = rest;
                     for message in matching {
                         self.deliver(message).await;
@@ -556,7 +676,11 @@ fn call<F: FnOnce(Message)>(message: &Message, f: F) {
     }
 }
 
-async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<pb::ServerFrame>, exit_on_disconnect: bool) {
+async fn dispatch(
+    inner: Arc<Inner>,
+    mut stream: Streaming<pb::ServerFrame>,
+    exit_on_disconnect: bool,
+) {
     let mut d = Dispatcher {
         handlers: HashMap::new(),
         early: VecDeque::new(),
@@ -647,7 +771,10 @@ async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<pb::ServerFrame>, exi
             tracing::info!("the master shut the cluster down; exiting");
             std::process::exit(0);
         }
-        tracing::error!(clean = ended_cleanly, "lost the connection to the master; exiting");
+        tracing::error!(
+            clean = ended_cleanly,
+            "lost the connection to the master; exiting"
+        );
         std::process::exit(1);
     }
 }

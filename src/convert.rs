@@ -194,9 +194,7 @@ pub(crate) fn ready_to_pb() -> pb::ClientFrame {
 }
 
 pub(crate) fn send_to_pb(req: SendRequest) -> pb::ClientFrame {
-    let (route, pid) = req
-        .target
-        .map_or((pb::Route::Unspecified, 0), target_to_pb);
+    let (route, pid) = req.target.map_or((pb::Route::Unspecified, 0), target_to_pb);
     pb::ClientFrame {
         kind: Some(pb::client_frame::Kind::Send(pb::Send {
             id: req.id,

@@ -31,4 +31,6 @@ mod pb {
 }
 
 pub use client::{Client, ConnectError, ConnectOptions, DecodeError, Message, Receipt, SendError};
-pub use types::{Code, Delivery, Identity, Origin, Outbound, Role, SendResult, Target, Undelivered};
+pub use types::{
+    Code, Delivery, Identity, Origin, Outbound, Role, SendResult, Target, Undelivered,
+};

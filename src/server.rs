@@ -26,7 +26,10 @@ pub trait Hub: Send + Sync + 'static {
     /// The per-stream handle for an attached child.
     type Session: Session;
     /// Checks a registration and attaches the child.
-    fn attach(&self, registration: Registration) -> Result<(Identity, Self::Session), RegisterError>;
+    fn attach(
+        &self,
+        registration: Registration,
+    ) -> Result<(Identity, Self::Session), RegisterError>;
 }
 
 /// One attached child, as seen by the adapter.
