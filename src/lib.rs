@@ -32,5 +32,6 @@ mod pb {
 
 pub use client::{Client, ConnectError, ConnectOptions, DecodeError, Message, Receipt, SendError};
 pub use types::{
-    Code, Delivery, Identity, Origin, Outbound, Role, SendResult, Target, Undelivered,
+    Code, Delivery, Identity, Origin, Outbound, RegisterError, Registration, Role, SendRequest,
+    SendResult, Target, Undelivered,
 };

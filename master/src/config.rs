@@ -1,0 +1,435 @@
+//! The master's configuration: a TOML file, overridden by command-line flags.
+//!
+//! Every key is documented in the README's config reference. Unknown keys are
+//! an error that names the key, so a typo never silently falls back to a
+//! default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::mailbox::Bounds;
+use crate::router::Limits;
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The reason.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has unknown or mistyped keys.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's explanation, which names the key and the line.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The key, as written in the file (or the flag).
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Command line of the `master` binary.
+#[derive(Debug, Parser)]
+#[command(
+    name = "master",
+    version,
+    about = "Clutch master: launches an agent and N app workers, supervises them and routes their messages",
+    long_about = "Clutch master: launches an agent and N app workers, supervises them and routes their \
+                  messages with Egg.js's messenger semantics over gRPC.\n\n\
+                  With no agent or app command configured, it runs a built-in demo cluster."
+)]
+pub struct Cli {
+    /// A hidden child mode (the built-in demo's agent and workers).
+    #[command(subcommand)]
+    pub child: Option<ChildMode>,
+    /// Settings shared with the config file.
+    #[command(flatten)]
+    pub flags: Flags,
+}
+
+/// The built-in demo children: the master's own binary in a hidden mode.
+#[derive(Debug, Subcommand)]
+pub enum ChildMode {
+    /// Run as the demo agent.
+    #[command(name = "__demo-agent", hide = true)]
+    DemoAgent,
+    /// Run as a demo app worker.
+    #[command(name = "__demo-app", hide = true)]
+    DemoApp,
+}
+
+/// Flags that override the config file.
+#[derive(Debug, Default, Args)]
+pub struct Flags {
+    /// TOML config file (see the README for every key).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address of the gRPC listener [default: 127.0.0.1:0, a free port].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+    /// Number of app workers [default: the CPU count, cgroup quota honoured].
+    #[arg(long, short = 'w', value_name = "N")]
+    pub workers: Option<usize>,
+    /// Write the bound listen address to this file once listening.
+    #[arg(long, value_name = "FILE")]
+    pub addr_file: Option<PathBuf>,
+    /// Command for the agent [default: the built-in demo agent].
+    #[arg(long, value_name = "PROGRAM")]
+    pub agent_command: Option<String>,
+    /// An argument for the agent command (repeat for more).
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    pub agent_arg: Vec<String>,
+    /// An environment variable for the agent, KEY=VALUE (repeat for more).
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_env_pair)]
+    pub agent_env: Vec<(String, String)>,
+    /// Working directory of the agent.
+    #[arg(long, value_name = "DIR")]
+    pub agent_cwd: Option<PathBuf>,
+    /// Command for the app workers [default: the built-in demo worker].
+    #[arg(long, value_name = "PROGRAM")]
+    pub app_command: Option<String>,
+    /// An argument for the app command (repeat for more).
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    pub app_arg: Vec<String>,
+    /// An environment variable for the app workers, KEY=VALUE (repeat for more).
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_env_pair)]
+    pub app_env: Vec<(String, String)>,
+    /// Working directory of the app workers.
+    #[arg(long, value_name = "DIR")]
+    pub app_cwd: Option<PathBuf>,
+}
+
+fn parse_env_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// The config file, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    listen: Option<String>,
+    workers: Option<usize>,
+    addr_file: Option<PathBuf>,
+    agent: Option<ChildFile>,
+    app: Option<ChildFile>,
+    limits: Option<LimitsFile>,
+    timeouts: Option<TimeoutsFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChildFile {
+    command: Option<String>,
+    args: Option<Vec<String>>,
+    env: Option<BTreeMap<String, String>>,
+    cwd: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    max_action_bytes: Option<usize>,
+    max_payload_bytes: Option<usize>,
+    mailbox_messages: Option<usize>,
+    mailbox_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TimeoutsFile {
+    register_ms: Option<u64>,
+    shutdown_ms: Option<u64>,
+    flow_ms: Option<u64>,
+}
+
+/// How to launch one kind of child.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChildSpec {
+    /// The program.
+    pub command: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Extra environment, on top of the master's own and the `CLUTCH_*` set.
+    pub env: BTreeMap<String, String>,
+    /// Working directory; the master's when `None`.
+    pub cwd: Option<PathBuf>,
+    /// True for the built-in demo child (for logs only).
+    pub builtin: bool,
+}
+
+/// The resolved configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the gRPC listener binds.
+    pub listen: SocketAddr,
+    /// Number of app workers (N).
+    pub workers: usize,
+    /// Where to write the bound address, if anywhere.
+    pub addr_file: Option<PathBuf>,
+    /// How to launch the agent.
+    pub agent: ChildSpec,
+    /// How to launch each app worker.
+    pub app: ChildSpec,
+    /// Send and mailbox limits.
+    pub limits: Limits,
+    /// How long a new stream may take to register.
+    pub register_timeout: Duration,
+    /// How long each shutdown phase waits before SIGKILL.
+    pub shutdown_timeout: Duration,
+    /// How long a sender waits on a congested receiver.
+    pub flow_wait: Duration,
+}
+
+/// The CPU count, honouring cgroup quotas (Egg over-forks in containers).
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+impl Config {
+    /// Reads the config file named by the flags (if any) and applies the flags.
+    pub fn load(flags: Flags) -> Result<Config, ConfigError> {
+        let file = match &flags.config {
+            Some(path) => read_file(path)?,
+            None => File::default(),
+        };
+        Self::resolve(file, flags)
+    }
+
+    fn resolve(file: File, flags: Flags) -> Result<Config, ConfigError> {
+        let listen_text = flags
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:0".into());
+        let listen: SocketAddr = listen_text.parse().map_err(|e| ConfigError::Invalid {
+            key: "listen",
+            message: format!("{listen_text:?} is not an IP:port address ({e})"),
+        })?;
+        let workers = flags
+            .workers
+            .or(file.workers)
+            .unwrap_or_else(default_workers);
+        if workers == 0 {
+            return Err(ConfigError::Invalid {
+                key: "workers",
+                message: "must be at least 1".into(),
+            });
+        }
+        let agent = child_spec(
+            file.agent.unwrap_or_default(),
+            ChildFlags {
+                command: flags.agent_command,
+                args: flags.agent_arg,
+                env: flags.agent_env,
+                cwd: flags.agent_cwd,
+            },
+            "__demo-agent",
+        )?;
+        let app = child_spec(
+            file.app.unwrap_or_default(),
+            ChildFlags {
+                command: flags.app_command,
+                args: flags.app_arg,
+                env: flags.app_env,
+                cwd: flags.app_cwd,
+            },
+            "__demo-app",
+        )?;
+        let defaults = Limits::default();
+        let l = file.limits.unwrap_or_default();
+        let limits = Limits {
+            max_action_bytes: positive(
+                "limits.max_action_bytes",
+                l.max_action_bytes,
+                defaults.max_action_bytes,
+            )?,
+            max_payload_bytes: positive(
+                "limits.max_payload_bytes",
+                l.max_payload_bytes,
+                defaults.max_payload_bytes,
+            )?,
+            mailbox: Bounds {
+                messages: positive(
+                    "limits.mailbox_messages",
+                    l.mailbox_messages,
+                    defaults.mailbox.messages,
+                )?,
+                bytes: positive(
+                    "limits.mailbox_bytes",
+                    l.mailbox_bytes,
+                    defaults.mailbox.bytes,
+                )?,
+            },
+        };
+        let t = file.timeouts.unwrap_or_default();
+        let ms = |key, v: Option<u64>, default: u64| {
+            positive(key, v.map(|v| v as usize), default as usize)
+                .map(|v| Duration::from_millis(v as u64))
+        };
+        Ok(Config {
+            listen,
+            workers,
+            addr_file: flags.addr_file.or(file.addr_file),
+            agent,
+            app,
+            limits,
+            register_timeout: ms("timeouts.register_ms", t.register_ms, 10_000)?,
+            shutdown_timeout: ms("timeouts.shutdown_ms", t.shutdown_ms, 5_000)?,
+            flow_wait: ms("timeouts.flow_ms", t.flow_ms, 2_000)?,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<File, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn positive(key: &'static str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+    match value {
+        Some(0) => Err(ConfigError::Invalid {
+            key,
+            message: "must be greater than 0".into(),
+        }),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    }
+}
+
+struct ChildFlags {
+    command: Option<String>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    cwd: Option<PathBuf>,
+}
+
+/// Flags win over the file; env pairs from flags are added to the file's.
+fn child_spec(
+    file: ChildFile,
+    flags: ChildFlags,
+    demo_mode: &str,
+) -> Result<ChildSpec, ConfigError> {
+    let command = flags.command.or(file.command);
+    let mut env = file.env.unwrap_or_default();
+    env.extend(flags.env);
+    let cwd = flags.cwd.or(file.cwd);
+    Ok(match command {
+        Some(command) => ChildSpec {
+            command: PathBuf::from(command),
+            args: if flags.args.is_empty() {
+                file.args.unwrap_or_default()
+            } else {
+                flags.args
+            },
+            env,
+            cwd,
+            builtin: false,
+        },
+        None => {
+            let exe = std::env::current_exe().map_err(|e| ConfigError::Invalid {
+                key: "command",
+                message: format!("no command configured and the master's own path (for the demo) is unknown: {e}"),
+            })?;
+            ChildSpec {
+                command: exe,
+                args: vec![demo_mode.to_owned()],
+                env,
+                cwd,
+                builtin: true,
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let file: File = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "test.toml".into(),
+            message: e.to_string(),
+        })?;
+        Config::resolve(file, Flags::default())
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = parse("workerz = 3")
+            .expect_err("unknown key accepted")
+            .to_string();
+        assert!(err.contains("workerz"), "{err}");
+        let err = parse("[agent]\ncomand = \"x\"")
+            .expect_err("unknown nested key accepted")
+            .to_string();
+        assert!(err.contains("comand"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file: File = toml::from_str(
+            "workers = 3\nlisten = \"127.0.0.1:7000\"\n[app]\ncommand = \"py\"\nargs = [\"a\"]",
+        )
+        .expect("valid toml");
+        let flags = Flags {
+            workers: Some(5),
+            app_arg: vec!["b".into()],
+            app_env: vec![("K".into(), "V".into())],
+            ..Flags::default()
+        };
+        let c = Config::resolve(file, flags).expect("valid config");
+        assert_eq!(c.workers, 5);
+        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(c.app.command, PathBuf::from("py"));
+        assert_eq!(c.app.args, vec!["b".to_string()]);
+        assert_eq!(c.app.env.get("K").map(String::as_str), Some("V"));
+        assert!(c.agent.builtin);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_key() {
+        let err = parse("workers = 0")
+            .expect_err("0 workers accepted")
+            .to_string();
+        assert!(err.starts_with("workers:"), "{err}");
+        let err = parse("listen = \"localhost\"")
+            .expect_err("bad listen accepted")
+            .to_string();
+        assert!(err.starts_with("listen:"), "{err}");
+        let err = parse("[limits]\nmailbox_messages = 0")
+            .expect_err("0 mailbox accepted")
+            .to_string();
+        assert!(err.contains("limits.mailbox_messages"), "{err}");
+    }
+
+    #[test]
+    fn default_worker_count_is_the_cpu_count() {
+        let c = parse("").expect("empty config is valid");
+        assert_eq!(c.workers, default_workers());
+        assert!(c.workers >= 1);
+    }
+}

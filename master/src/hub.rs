@@ -1,0 +1,215 @@
+//! The edge between the gRPC streams and the [`Router`].
+//!
+//! The router is a plain value behind a mutex; this module turns its
+//! [`Action`]s into effects: waking a child's outbound stream, releasing
+//! senders held by flow control, and handing lifecycle decisions to the
+//! cluster loop. It implements the protocol layer's `Hub` and `Session`.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use clutch::server::{Hub as ProtocolHub, Session as ProtocolSession};
+use clutch::types::{RegisterError, SendRequest};
+use clutch::{Identity, Outbound, Registration};
+use futures_util::Stream;
+use tokio::sync::{mpsc, Notify};
+
+use crate::router::{Action, Conn, Router, SlotId};
+
+/// Frames moved from a mailbox per lock: amortises the lock over a batch
+/// while keeping the latency of the first frame low.
+const DRAIN_BATCH: usize = 256;
+
+/// Lifecycle decisions for the cluster loop.
+///
+/// The channel that carries them is unbounded by type but bounded by
+/// construction: the router emits at most a few of these per lifecycle
+/// event of a child (register, ready, exit), never per message, so its
+/// length is bounded by the number of slots times a small constant.
+pub type LifecycleTx = mpsc::UnboundedSender<Action>;
+
+/// State shared by every stream and the cluster loop.
+pub struct Shared {
+    /// The routing state machine.
+    router: Mutex<Router>,
+    /// Per slot: its outbound stream has frames to write or must end.
+    wake: Box<[Notify]>,
+    /// Per slot: its mailbox drained below the low watermark.
+    room: Box<[Notify]>,
+    /// Where lifecycle actions go.
+    lifecycle: LifecycleTx,
+    /// How long a sender waits on one congested receiver before giving up
+    /// on it (overflow is then reported to senders instead).
+    flow_wait: Duration,
+}
+
+impl Shared {
+    /// Wraps a router for sharing.
+    pub fn new(router: Router, lifecycle: LifecycleTx, flow_wait: Duration) -> Arc<Shared> {
+        let slots = router.workers() + 1;
+        Arc::new(Shared {
+            router: Mutex::new(router),
+            wake: (0..slots).map(|_| Notify::new()).collect(),
+            room: (0..slots).map(|_| Notify::new()).collect(),
+            lifecycle,
+            flow_wait,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Router> {
+        // Router methods do not panic on any input (they are tested so); a
+        // poisoned lock would mean a bug, and the state is still the best
+        // account of the cluster there is.
+        self.router.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs one router event and carries out its actions.
+    pub fn with_router<R>(&self, event: impl FnOnce(&mut Router, &mut Vec<Action>) -> R) -> R {
+        let mut actions = Vec::new();
+        let result = event(&mut self.lock(), &mut actions);
+        self.apply(actions);
+        result
+    }
+
+    fn apply(&self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Wake(slot) => self.wake[slot].notify_one(),
+                Action::Relieved(slot) => self.room[slot].notify_waiters(),
+                other => {
+                    // The cluster loop outlives every stream; if it is gone
+                    // the master is exiting and the action no longer matters.
+                    let _ = self.lifecycle.send(other);
+                }
+            }
+        }
+    }
+
+    /// Waits until `slot` has room, or gives up on it after `flow_wait`.
+    async fn wait_for_room(&self, slot: SlotId) {
+        let deadline = tokio::time::Instant::now() + self.flow_wait;
+        loop {
+            let room = self.room[slot].notified();
+            tokio::pin!(room);
+            // Register interest before checking, so a drain between the check
+            // and the await is not missed.
+            room.as_mut().enable();
+            if self.lock().has_room(slot) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                let name = {
+                    let mut router = self.lock();
+                    router.stall(slot);
+                    router.slot_name(slot)
+                };
+                tracing::warn!(
+                    receiver = %name,
+                    waited_ms = self.flow_wait.as_millis() as u64,
+                    "receiver is not reading its messages; senders stop waiting for it and its overflow is reported to them"
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// The master's implementation of the protocol layer's `Hub`.
+#[derive(Clone)]
+pub struct Hub {
+    /// The shared routing state.
+    pub shared: Arc<Shared>,
+}
+
+impl ProtocolHub for Hub {
+    type Session = Session;
+
+    fn attach(&self, registration: Registration) -> Result<(Identity, Session), RegisterError> {
+        let attached = self
+            .shared
+            .with_router(|r, out| r.register(&registration, out));
+        match attached {
+            Ok((identity, conn)) => {
+                let span = tracing::info_span!("child", role = %identity.role, worker = identity.worker_id, pid = identity.pid);
+                span.in_scope(|| tracing::info!(incarnation = identity.incarnation, "registered"));
+                Ok((
+                    identity,
+                    Session {
+                        shared: self.shared.clone(),
+                        conn,
+                        span,
+                    },
+                ))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refused a registration");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// One attached child's stream.
+pub struct Session {
+    /// The shared routing state.
+    shared: Arc<Shared>,
+    /// Which slot and incarnation this stream belongs to.
+    conn: Conn,
+    /// The child's span, so stream events log under it.
+    span: tracing::Span,
+}
+
+impl ProtocolSession for Session {
+    fn outbound(&self) -> Pin<Box<dyn Stream<Item = Outbound> + Send>> {
+        let state = (
+            self.shared.clone(),
+            self.conn,
+            VecDeque::with_capacity(DRAIN_BATCH),
+        );
+        Box::pin(futures_util::stream::unfold(
+            state,
+            |(shared, conn, mut buf)| async move {
+                loop {
+                    if let Some(frame) = buf.pop_front() {
+                        return Some((frame, (shared, conn, buf)));
+                    }
+                    let open =
+                        shared.with_router(|r, out| r.drain(conn, &mut buf, DRAIN_BATCH, out));
+                    if !open {
+                        return None;
+                    }
+                    if buf.is_empty() {
+                        // `notify_one` keeps a permit when nobody waits, so a
+                        // frame queued between the drain and this await is not
+                        // missed.
+                        shared.wake[conn.slot].notified().await;
+                    }
+                }
+            },
+        ))
+    }
+
+    fn ready(&self) {
+        self.span.in_scope(|| tracing::info!("ready"));
+        self.shared.with_router(|r, out| r.ready(self.conn, out));
+    }
+
+    fn send(&self, request: SendRequest) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let congested = self
+                .shared
+                .with_router(|r, out| r.send(self.conn, request, out));
+            for slot in congested {
+                self.shared.wait_for_room(slot).await;
+            }
+        })
+    }
+
+    fn detach(&self) {
+        self.span.in_scope(|| tracing::info!("stream closed"));
+        self.shared.with_router(|r, out| r.detach(self.conn, out));
+    }
+}

@@ -1,0 +1,29 @@
+//! # master — the Clutch master
+//!
+//! Launches one agent and N app workers as subprocesses, supervises them and
+//! routes their messages with Egg.js's messenger semantics. The modules, from
+//! the pure core outwards:
+//!
+//! - [`mailbox`]: a slot's bounded queue of outbound frames (held messages and
+//!   frames waiting for the stream are one mechanism);
+//! - [`router`]: the pure state machine: routing, the egg-ready barrier,
+//!   egg-pids, registration checks. No I/O;
+//! - [`hub`]: the edge between the gRPC streams and the router;
+//! - [`supervisor`]: child processes: launch, output relay, exit, signals;
+//! - [`cluster`]: the main loop tying listener, router and children together;
+//! - [`config`]: the TOML file and CLI flags;
+//! - [`demo`]: the built-in demo agent and workers.
+//!
+//! The wire protocol is the `clutch` crate's; this crate never names a
+//! generated proto type.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cluster;
+pub mod config;
+pub mod demo;
+pub mod hub;
+pub mod mailbox;
+pub mod router;
+pub mod supervisor;

@@ -1,0 +1,767 @@
+//! The master's routing core: a pure state machine.
+//!
+//! Events go in as method calls (a child was spawned, registered, became
+//! ready, sent a message, detached, exited) and the decisions come out as
+//! [`Action`]s pushed onto a caller-supplied vector, plus frames queued in the
+//! slots' [`Mailbox`]es. The router touches no socket, process or clock, so
+//! every rule here (routing, the egg-ready barrier, egg-pids, mailboxes) is
+//! tested by driving events in `#[cfg(test)]` below. The I/O lives in
+//! `hub.rs` (streams) and `cluster.rs` (processes and signals).
+//!
+//! Slots: slot 0 is the agent, slots 1..=N are the app workers, and an app's
+//! worker id is its slot number. A slot outlives its processes; each process
+//! that holds it is one *incarnation*.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use clutch::types::{RegisterError, SendRequest};
+use clutch::{
+    Code, Delivery, Identity, Origin, Outbound, Registration, Role, SendResult, Target, Undelivered,
+};
+
+use crate::mailbox::{Bounds, Full, Mailbox};
+
+/// A slot's index: 0 is the agent, `n` is app worker `n`.
+pub type SlotId = usize;
+
+/// The agent's slot.
+pub const AGENT: SlotId = 0;
+
+/// One attached stream: a slot and the incarnation that attached it. Events
+/// from a stream whose incarnation is no longer current are ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Conn {
+    /// The slot.
+    pub slot: SlotId,
+    /// The incarnation that registered the stream.
+    pub incarnation: u32,
+}
+
+/// Limits on what a child may send, and on each mailbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest action name, in bytes.
+    pub max_action_bytes: usize,
+    /// Largest payload, in bytes.
+    pub max_payload_bytes: usize,
+    /// Each slot's mailbox bounds.
+    pub mailbox: Bounds,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_action_bytes: 256,
+            max_payload_bytes: 1 << 20,
+            mailbox: Bounds {
+                messages: 16 * 1024,
+                bytes: 16 << 20,
+            },
+        }
+    }
+}
+
+/// A decision for the edges to carry out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// The slot's stream has frames to write, or must end.
+    Wake(SlotId),
+    /// The slot's mailbox fell below the low watermark: senders waiting on
+    /// it for flow control may go on.
+    Relieved(SlotId),
+    /// The agent is ready for the first time: launch the app workers.
+    LaunchApps,
+    /// The barrier passed: egg-ready went to every process.
+    ClusterReady,
+    /// A child ended before the cluster was ready: the start failed.
+    StartupFailed(SlotId),
+    /// A child ended after the cluster was ready.
+    Lost(SlotId),
+    /// A frame was refused by a full mailbox (it is counted there too).
+    Dropped {
+        /// Whose mailbox.
+        slot: SlotId,
+        /// Which bound refused it.
+        full: Full,
+        /// The action of the refused message, or the kind of control frame.
+        what: Arc<str>,
+    },
+}
+
+/// Where a slot's current process is in its life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    /// No process was launched for the slot yet.
+    Idle,
+    /// A process runs with this secret but has not registered.
+    Spawned { pid: u32, secret: String },
+    /// The process registered; `ready` once it said so.
+    Attached {
+        pid: u32,
+        secret: String,
+        ready: bool,
+    },
+    /// The process's stream ended; the process may still be running.
+    Detached { pid: u32, secret: String },
+    /// The process exited.
+    Exited { pid: u32 },
+}
+
+impl Phase {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Phase::Idle => None,
+            Phase::Spawned { pid, .. }
+            | Phase::Attached { pid, .. }
+            | Phase::Detached { pid, .. }
+            | Phase::Exited { pid } => Some(*pid),
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        matches!(self, Phase::Attached { ready: true, .. })
+    }
+}
+
+/// One agent or app worker position in the cluster.
+#[derive(Debug)]
+struct Slot {
+    /// Agent or app.
+    role: Role,
+    /// 0 for the agent, 1..=N for apps.
+    worker_id: u32,
+    /// Processes launched for this slot so far.
+    incarnation: u32,
+    /// The current incarnation's state.
+    phase: Phase,
+    /// Whether the current incarnation got egg-ready (exactly once each).
+    egg_ready_sent: bool,
+    /// Frames waiting for this slot's stream.
+    mailbox: Mailbox,
+    /// A flow-control wait on this mailbox timed out: senders stop waiting
+    /// for it (its overflow is reported instead) until it drains.
+    stalled: bool,
+    /// Messages handed to this slot's mailbox.
+    delivered: u64,
+    /// Frames refused by this slot's mailbox.
+    dropped: u64,
+    /// The shutdown notice is queued: end the stream once the mailbox is
+    /// written out, so the child sees the notice and then the end.
+    closing: bool,
+}
+
+impl Slot {
+    fn name(&self) -> String {
+        match self.role {
+            Role::App => format!("app worker {}", self.worker_id),
+            _ => self.role.to_string(),
+        }
+    }
+}
+
+/// A read-only view of one slot, for logs and listings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotView {
+    /// Agent or app.
+    pub role: Role,
+    /// 0 for the agent, 1..=N for apps.
+    pub worker_id: u32,
+    /// The current process's pid, if one was launched.
+    pub pid: Option<u32>,
+    /// Processes launched for this slot so far.
+    pub incarnation: u32,
+    /// Frames waiting in its mailbox.
+    pub pending: usize,
+    /// Messages handed to its mailbox.
+    pub delivered: u64,
+    /// Frames its mailbox refused.
+    pub dropped: u64,
+}
+
+/// The state machine.
+#[derive(Debug)]
+pub struct Router {
+    /// Sender of injected messages and of `egg-*` frames.
+    master_pid: u32,
+    /// The agent at 0, then the apps.
+    slots: Vec<Slot>,
+    /// The current pid of every slot with a live or unreaped process.
+    pids: HashMap<u32, SlotId>,
+    /// Payload, action and mailbox limits.
+    limits: Limits,
+    /// The barrier passed once; later incarnations get their own egg-ready.
+    cluster_ready: bool,
+    /// The apps were launched (after the agent's first ready).
+    apps_launched: bool,
+    /// No new registrations; children were told to stop.
+    shutting_down: bool,
+    /// xorshift state for `sendRandom`; seeded by the edge.
+    rng: u64,
+}
+
+impl Router {
+    /// A router for one agent and `workers` app workers.
+    pub fn new(master_pid: u32, workers: usize, limits: Limits, seed: u64) -> Router {
+        let slot = |role, worker_id| Slot {
+            role,
+            worker_id,
+            incarnation: 0,
+            phase: Phase::Idle,
+            egg_ready_sent: false,
+            mailbox: Mailbox::default(),
+            stalled: false,
+            delivered: 0,
+            dropped: 0,
+            closing: false,
+        };
+        let mut slots = vec![slot(Role::Agent, 0)];
+        slots.extend((1..=workers).map(|id| slot(Role::App, id as u32)));
+        Router {
+            master_pid,
+            slots,
+            pids: HashMap::new(),
+            limits,
+            cluster_ready: false,
+            apps_launched: false,
+            shutting_down: false,
+            rng: seed | 1,
+        }
+    }
+
+    /// The number of app workers.
+    pub fn workers(&self) -> usize {
+        self.slots.len() - 1
+    }
+
+    /// A human name for the slot ("agent", "app worker 2").
+    pub fn slot_name(&self, slot: SlotId) -> String {
+        self.slots[slot].name()
+    }
+
+    /// Snapshot of every slot.
+    pub fn view(&self) -> Vec<SlotView> {
+        self.slots
+            .iter()
+            .map(|s| SlotView {
+                role: s.role,
+                worker_id: s.worker_id,
+                pid: s.phase.pid(),
+                incarnation: s.incarnation,
+                pending: s.mailbox.len(),
+                delivered: s.delivered,
+                dropped: s.dropped,
+            })
+            .collect()
+    }
+
+    /// The incarnation number the next process of `slot` will have.
+    pub fn next_incarnation(&self, slot: SlotId) -> u32 {
+        self.slots[slot].incarnation + 1
+    }
+
+    /// A process was launched for `slot` with this pid and secret.
+    pub fn spawned(&mut self, slot: SlotId, pid: u32, secret: String) {
+        let s = &mut self.slots[slot];
+        if let Some(old) = s.phase.pid() {
+            self.pids.remove(&old);
+        }
+        s.incarnation += 1;
+        s.phase = Phase::Spawned { pid, secret };
+        s.egg_ready_sent = false;
+        s.mailbox.forget_control();
+        self.pids.insert(pid, slot);
+    }
+
+    /// A stream presents a registration. On success the slot is attached and
+    /// frames held for it are ready to be written after the welcome.
+    pub fn register(
+        &mut self,
+        reg: &Registration,
+        out: &mut Vec<Action>,
+    ) -> Result<(Identity, Conn), RegisterError> {
+        if self.shutting_down {
+            return Err(RegisterError::ShuttingDown);
+        }
+        if reg.secret.is_empty() {
+            return Err(RegisterError::MissingSecret);
+        }
+        let claimed = reg.role.ok_or(RegisterError::MissingRole)?;
+        let found = self.slots.iter().position(|s| match &s.phase {
+            Phase::Spawned { secret, .. }
+            | Phase::Attached { secret, .. }
+            | Phase::Detached { secret, .. } => {
+                constant_time_eq(secret.as_bytes(), reg.secret.as_bytes())
+            }
+            _ => false,
+        });
+        let slot = found.ok_or(RegisterError::UnknownSecret)?;
+        let workers = self.workers() as u32;
+        let s = &mut self.slots[slot];
+        let Phase::Spawned { pid, secret } = &s.phase else {
+            return Err(RegisterError::SecretUsed {
+                role: s.role,
+                slot: s.name(),
+            });
+        };
+        if claimed != s.role {
+            return Err(RegisterError::RoleMismatch {
+                expected: s.role,
+                claimed,
+            });
+        }
+        let pid = *pid;
+        s.phase = Phase::Attached {
+            pid,
+            secret: secret.clone(),
+            ready: false,
+        };
+        let identity = Identity {
+            role: s.role,
+            worker_id: s.worker_id,
+            pid,
+            master_pid: self.master_pid,
+            workers,
+            incarnation: s.incarnation,
+        };
+        let conn = Conn {
+            slot,
+            incarnation: s.incarnation,
+        };
+        if s.role == Role::App {
+            let agent = self.agent_pids();
+            let _ = self.push(slot, Outbound::EggPids(agent), out);
+        }
+        if !self.slots[slot].mailbox.is_empty() {
+            out.push(Action::Wake(slot));
+        }
+        Ok((identity, conn))
+    }
+
+    /// The stream's process declared itself ready.
+    pub fn ready(&mut self, conn: Conn, out: &mut Vec<Action>) {
+        let Some(s) = self.current(conn) else { return };
+        let Phase::Attached { ready, .. } = &mut s.phase else {
+            return;
+        };
+        if *ready {
+            return; // a repeated `ready` changes nothing
+        }
+        *ready = true;
+        let role = s.role;
+        match role {
+            Role::Agent if !self.apps_launched => {
+                self.apps_launched = true;
+                out.push(Action::LaunchApps);
+            }
+            Role::Agent => {
+                // The agent came back: tell the apps, as Egg does.
+                let pid = self.slots[AGENT].phase.pid().unwrap_or(0);
+                let pids = self.agent_pids();
+                for app in 1..self.slots.len() {
+                    if self.is_attached(app) {
+                        let _ = self.push(app, Outbound::AgentStart { pid }, out);
+                        let _ = self.push(app, Outbound::EggPids(pids.clone()), out);
+                    }
+                }
+            }
+            _ => self.tell_agent_app_pids(out),
+        }
+        if self.cluster_ready {
+            self.send_egg_ready(conn.slot, out);
+        } else if self.slots.iter().all(|s| s.phase.is_ready()) {
+            self.cluster_ready = true;
+            for slot in 0..self.slots.len() {
+                self.send_egg_ready(slot, out);
+            }
+            out.push(Action::ClusterReady);
+        }
+    }
+
+    /// Routes one send from an attached stream. Returns the attached slots
+    /// whose mailboxes are past the high watermark, which the sender should
+    /// wait on before sending more (flow control).
+    pub fn send(&mut self, conn: Conn, req: SendRequest, out: &mut Vec<Action>) -> Vec<SlotId> {
+        let mut congested = Vec::new();
+        let Some(sender) = self.current(conn) else {
+            return congested;
+        };
+        if !matches!(sender.phase, Phase::Attached { .. }) {
+            return congested;
+        }
+        let from = Origin {
+            role: sender.role,
+            pid: sender.phase.pid().unwrap_or(0),
+            worker_id: sender.worker_id,
+        };
+        let action: Arc<str> = Arc::from(req.action);
+        let mut result = SendResult {
+            id: req.id,
+            action: action.clone(),
+            delivered: 0,
+            held: 0,
+            undelivered: Vec::new(),
+        };
+        match self.check(&action, &req.data, req.target, from.role) {
+            Err(u) => result.undelivered.push(u),
+            Ok(targets) => {
+                let delivery = Delivery {
+                    action: action.clone(),
+                    data: req.data,
+                    from,
+                };
+                for slot in targets {
+                    let attached = self.is_attached(slot);
+                    match self.push(slot, Outbound::Message(delivery.clone()), out) {
+                        Ok(()) => {
+                            self.slots[slot].delivered += 1;
+                            if attached {
+                                result.delivered += 1;
+                                let s = &self.slots[slot];
+                                if !s.stalled && s.mailbox.messages() >= self.high_watermark() {
+                                    congested.push(slot);
+                                }
+                            } else {
+                                result.held += 1;
+                            }
+                        }
+                        Err(full) => result.undelivered.push(self.undelivered_full(slot, full)),
+                    }
+                }
+            }
+        }
+        if req.want_result || !result.undelivered.is_empty() {
+            let _ = self.push(conn.slot, Outbound::SendResult(result), out);
+        }
+        congested
+    }
+
+    /// Validates a send and resolves its target slots.
+    fn check(
+        &mut self,
+        action: &str,
+        data: &Bytes,
+        target: Option<Target>,
+        from: Role,
+    ) -> Result<Vec<SlotId>, Undelivered> {
+        let invalid = |code, message: String| Undelivered {
+            code,
+            message,
+            pid: 0,
+            worker_id: 0,
+            role: None,
+        };
+        if action.is_empty() {
+            return Err(invalid(Code::InvalidArgument, "the action is empty".into()));
+        }
+        if action.len() > self.limits.max_action_bytes {
+            return Err(invalid(
+                Code::InvalidArgument,
+                format!(
+                    "the action is {} bytes long; the limit is {} bytes",
+                    action.len(),
+                    self.limits.max_action_bytes
+                ),
+            ));
+        }
+        if data.len() > self.limits.max_payload_bytes {
+            return Err(invalid(
+                Code::ResourceExhausted,
+                format!(
+                    "the payload is {} bytes; the limit is {} bytes",
+                    data.len(),
+                    self.limits.max_payload_bytes
+                ),
+            ));
+        }
+        let Some(target) = target else {
+            return Err(invalid(
+                Code::InvalidArgument,
+                "the send has no route: set one of broadcast, apps, agent, random or pid".into(),
+            ));
+        };
+        let apps = 1..self.slots.len();
+        Ok(match target {
+            Target::Broadcast => (0..self.slots.len()).collect(),
+            Target::Apps => apps.collect(),
+            Target::Agent => vec![AGENT],
+            Target::Random if from == Role::App => vec![AGENT],
+            Target::Random => {
+                let ready: Vec<SlotId> = apps.filter(|&s| self.slots[s].phase.is_ready()).collect();
+                if ready.is_empty() {
+                    return Err(invalid(
+                        Code::Unavailable,
+                        "sendRandom found no ready app worker to pick".into(),
+                    ));
+                }
+                vec![ready[self.next_random() as usize % ready.len()]]
+            }
+            Target::Pid(pid) => match self.pids.get(&pid) {
+                Some(&slot) if !matches!(self.slots[slot].phase, Phase::Exited { .. }) => {
+                    vec![slot]
+                }
+                Some(&slot) => {
+                    return Err(Undelivered {
+                        code: Code::NotFound,
+                        message: format!("pid {pid} ({}) has exited", self.slots[slot].name()),
+                        pid,
+                        worker_id: self.slots[slot].worker_id,
+                        role: Some(self.slots[slot].role),
+                    })
+                }
+                None => {
+                    return Err(Undelivered {
+                        code: Code::NotFound,
+                        message: format!("no process with pid {pid} in this cluster"),
+                        pid,
+                        worker_id: 0,
+                        role: None,
+                    })
+                }
+            },
+        })
+    }
+
+    fn undelivered_full(&mut self, slot: SlotId, full: Full) -> Undelivered {
+        let s = &self.slots[slot];
+        let bound = match full {
+            Full::Messages(n) => format!("{n} messages"),
+            Full::Bytes(n) => format!("{n} bytes"),
+            Full::Control(n) => format!("{n} control frames"),
+        };
+        Undelivered {
+            code: Code::ResourceExhausted,
+            message: format!("the mailbox of {} is full ({bound})", s.name()),
+            pid: s.phase.pid().unwrap_or(0),
+            worker_id: s.worker_id,
+            role: Some(s.role),
+        }
+    }
+
+    /// The stream of `conn` ended.
+    pub fn detach(&mut self, conn: Conn, out: &mut Vec<Action>) {
+        let Some(s) = self.current(conn) else { return };
+        let Phase::Attached { pid, secret, .. } = &s.phase else {
+            return;
+        };
+        s.phase = Phase::Detached {
+            pid: *pid,
+            secret: secret.clone(),
+        };
+        let role = s.role;
+        out.push(Action::Wake(conn.slot));
+        self.lost_liveness(role, out);
+    }
+
+    /// The process `pid` of `slot` exited.
+    pub fn exited(&mut self, slot: SlotId, pid: u32, out: &mut Vec<Action>) {
+        let s = &mut self.slots[slot];
+        if s.phase.pid() != Some(pid) {
+            return; // an older incarnation, already replaced
+        }
+        let was_live = s.phase.is_ready();
+        let was_attached = matches!(s.phase, Phase::Attached { .. });
+        s.phase = Phase::Exited { pid };
+        s.mailbox.forget_control();
+        let role = s.role;
+        if was_attached {
+            out.push(Action::Wake(slot));
+        }
+        if was_live || was_attached {
+            self.lost_liveness(role, out);
+        }
+        out.push(if self.cluster_ready || self.shutting_down {
+            Action::Lost(slot)
+        } else {
+            Action::StartupFailed(slot)
+        });
+    }
+
+    /// Begins shutdown for every child of `role`: refuse new registrations,
+    /// queue the shutdown notice and end their streams once it is written.
+    /// Returns the pids of that role's processes.
+    pub fn shutdown(
+        &mut self,
+        role: Role,
+        grace_ms: u32,
+        out: &mut Vec<Action>,
+    ) -> Vec<(SlotId, u32)> {
+        self.shutting_down = true;
+        let mut pids = Vec::new();
+        for slot in 0..self.slots.len() {
+            if self.slots[slot].role != role {
+                continue;
+            }
+            if self.is_attached(slot) {
+                let _ = self.push(slot, Outbound::Shutdown { grace_ms }, out);
+                self.slots[slot].closing = true;
+                out.push(Action::Wake(slot));
+            }
+            match self.slots[slot].phase {
+                Phase::Exited { .. } | Phase::Idle => {}
+                ref p => pids.extend(p.pid().map(|pid| (slot, pid))),
+            }
+        }
+        pids
+    }
+
+    /// Moves up to `max` frames for `conn` into `buf`. Returns false when the
+    /// stream must end (the incarnation is gone or detached).
+    pub fn drain(
+        &mut self,
+        conn: Conn,
+        buf: &mut std::collections::VecDeque<Outbound>,
+        max: usize,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let low = self.low_watermark();
+        let Some(s) = self.current(conn) else {
+            return false;
+        };
+        if !matches!(s.phase, Phase::Attached { .. }) {
+            return false;
+        }
+        if s.closing && s.mailbox.is_empty() {
+            return false;
+        }
+        let before = s.mailbox.messages();
+        s.mailbox.drain_into(buf, max);
+        if before >= low && s.mailbox.messages() < low {
+            s.stalled = false;
+            out.push(Action::Relieved(conn.slot));
+        }
+        true
+    }
+
+    /// Whether a sender waiting on `slot` for flow control may go on.
+    pub fn has_room(&self, slot: SlotId) -> bool {
+        let s = &self.slots[slot];
+        s.stalled
+            || !matches!(s.phase, Phase::Attached { .. })
+            || s.mailbox.messages() < self.low_watermark()
+    }
+
+    /// A flow-control wait on `slot` timed out: stop waiting for it.
+    pub fn stall(&mut self, slot: SlotId) {
+        self.slots[slot].stalled = true;
+    }
+
+    fn high_watermark(&self) -> usize {
+        (self.limits.mailbox.messages / 2).max(1)
+    }
+
+    fn low_watermark(&self) -> usize {
+        (self.limits.mailbox.messages / 4).max(1)
+    }
+
+    fn current(&mut self, conn: Conn) -> Option<&mut Slot> {
+        self.slots
+            .get_mut(conn.slot)
+            .filter(|s| s.incarnation == conn.incarnation)
+    }
+
+    fn is_attached(&self, slot: SlotId) -> bool {
+        matches!(self.slots[slot].phase, Phase::Attached { .. })
+    }
+
+    fn send_egg_ready(&mut self, slot: SlotId, out: &mut Vec<Action>) {
+        if !self.slots[slot].egg_ready_sent && self.slots[slot].phase.is_ready() {
+            self.slots[slot].egg_ready_sent = true;
+            let _ = self.push(slot, Outbound::EggReady, out);
+        }
+    }
+
+    /// `[agentPid]` while the agent is ready, else `[]`.
+    fn agent_pids(&self) -> Arc<[u32]> {
+        match &self.slots[AGENT].phase {
+            Phase::Attached {
+                pid, ready: true, ..
+            } => Arc::from([*pid]),
+            _ => Arc::from([]),
+        }
+    }
+
+    fn tell_agent_app_pids(&mut self, out: &mut Vec<Action>) {
+        if self.is_attached(AGENT) {
+            let pids: Arc<[u32]> = self.slots[1..]
+                .iter()
+                .filter(|s| s.phase.is_ready())
+                .filter_map(|s| s.phase.pid())
+                .collect();
+            let _ = self.push(AGENT, Outbound::EggPids(pids), out);
+        }
+    }
+
+    /// A process stopped being live: update the other side's egg-pids.
+    fn lost_liveness(&mut self, role: Role, out: &mut Vec<Action>) {
+        match role {
+            Role::App => self.tell_agent_app_pids(out),
+            _ => {
+                for app in 1..self.slots.len() {
+                    if self.is_attached(app) {
+                        let _ = self.push(app, Outbound::EggPids(Arc::from([])), out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues a frame for a slot, waking its stream if it was idle. A refused
+    /// frame is counted and reported as an action; the caller decides whether
+    /// the sender hears of it too.
+    fn push(&mut self, slot: SlotId, frame: Outbound, out: &mut Vec<Action>) -> Result<(), Full> {
+        let bounds = self.limits.mailbox;
+        let attached = self.is_attached(slot);
+        let s = &mut self.slots[slot];
+        let was_empty = s.mailbox.is_empty();
+        let what: Option<Arc<str>> = match &frame {
+            Outbound::Message(d) => Some(d.action.clone()),
+            _ => None,
+        };
+        let kind = frame_kind(&frame);
+        match s.mailbox.push(frame, bounds) {
+            Ok(()) => {
+                if attached && was_empty {
+                    out.push(Action::Wake(slot));
+                }
+                Ok(())
+            }
+            Err(full) => {
+                s.dropped += 1;
+                out.push(Action::Dropped {
+                    slot,
+                    full,
+                    what: what.unwrap_or_else(|| Arc::from(kind)),
+                });
+                Err(full)
+            }
+        }
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64*: plenty for spreading jobs evenly; not for secrets.
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+fn frame_kind(frame: &Outbound) -> &'static str {
+    match frame {
+        Outbound::Message(_) => "message",
+        Outbound::EggReady => "egg-ready",
+        Outbound::EggPids(_) => "egg-pids",
+        Outbound::AgentStart { .. } => "agent-start",
+        Outbound::SendResult(_) => "send result",
+        Outbound::Shutdown { .. } => "shutdown",
+    }
+}
+
+/// Compares secrets in time that does not depend on where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
