@@ -221,6 +221,7 @@ impl Message {
 
 type OnHandler = Arc<dyn Fn(Message) + Send + Sync>;
 type OnceHandler = Box<dyn FnOnce(Message) + Send>;
+type UndeliveredHandler = Arc<dyn Fn(SendResult) + Send + Sync>;
 
 enum Handler {
     On(OnHandler),
@@ -252,7 +253,7 @@ struct Inner {
     /// Wakes the dispatcher when `commands` grows.
     commands_changed: Notify,
     /// Called with results of fire-and-forget sends that missed a target.
-    on_undelivered: Mutex<Option<Arc<dyn Fn(SendResult) + Send + Sync>>>,
+    on_undelivered: Mutex<Option<UndeliveredHandler>>,
     /// Whether `ready` was sent (it is sent once).
     ready_sent: AtomicBool,
     /// Becomes true at `egg-ready`.

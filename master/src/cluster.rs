@@ -251,12 +251,13 @@ impl Cluster<'_> {
         if self.live.get(&exit.slot) == Some(&exit.pid) {
             self.live.remove(&exit.slot);
         }
-        tracing::info!(
-            pid = exit.pid,
-            "{} exited with {}",
-            self.shared.with_router(|r, _| r.slot_name(exit.slot)),
-            exit.ending
-        );
+        let role = if exit.slot == AGENT {
+            Role::Agent
+        } else {
+            Role::App
+        };
+        supervisor::child_span(role, exit.slot as u32, exit.pid)
+            .in_scope(|| tracing::info!("exited with {}", exit.ending));
         let (slot, pid) = (exit.slot, exit.pid);
         self.last_exit.insert(slot, exit);
         self.shared.with_router(|r, out| r.exited(slot, pid, out));

@@ -133,7 +133,8 @@ impl ProtocolHub for Hub {
             .with_router(|r, out| r.register(&registration, out));
         match attached {
             Ok((identity, conn)) => {
-                let span = tracing::info_span!("child", role = %identity.role, worker = identity.worker_id, pid = identity.pid);
+                let span =
+                    crate::supervisor::child_span(identity.role, identity.worker_id, identity.pid);
                 span.in_scope(|| tracing::info!(incarnation = identity.incarnation, "registered"));
                 Ok((
                     identity,

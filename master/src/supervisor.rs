@@ -135,10 +135,7 @@ pub fn spawn(
         source,
     })?;
     let pid = child.id().unwrap_or(0);
-    let span = match launch.role {
-        clutch::Role::App => tracing::info_span!("app", worker = launch.worker_id, pid),
-        _ => tracing::info_span!("agent", pid),
-    };
+    let span = child_span(launch.role, launch.worker_id, pid);
     let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
     let stdout = child
         .stdout
@@ -177,6 +174,15 @@ pub fn spawn(
         .instrument(span),
     );
     Ok(pid)
+}
+
+/// The one span per child process: its output, its stream and its exit
+/// all log under it.
+pub fn child_span(role: clutch::Role, worker_id: u32, pid: u32) -> tracing::Span {
+    match role {
+        clutch::Role::App => tracing::info_span!("app", worker = worker_id, pid),
+        _ => tracing::info_span!("agent", pid),
+    }
 }
 
 /// Copies a child's output into the log, one event per line. A line that
