@@ -113,8 +113,11 @@ pub async fn run(config: Config) -> Result<(), MasterError> {
         write_addr_file(path, addr)?;
     }
     tracing::info!(%addr, workers = config.workers, "master listening");
-    if config.agent.builtin || config.app.builtin {
-        tracing::info!("no agent or app command configured: running the built-in demo cluster (Ctrl-C stops it)");
+    match (config.agent.builtin, config.app.builtin) {
+        (true, true) => tracing::info!("no agent or app command configured: running the built-in demo cluster (Ctrl-C stops it)"),
+        (true, false) => tracing::info!("no agent command configured: the agent is the built-in demo agent"),
+        (false, true) => tracing::info!("no app command configured: the app workers are the built-in demo workers"),
+        (false, false) => {}
     }
 
     let mut signals = Signals::new()?;
@@ -144,9 +147,6 @@ pub async fn run(config: Config) -> Result<(), MasterError> {
             }
         },
     };
-    if let Err(e) = &outcome {
-        tracing::error!("{e}");
-    }
     cluster.stop(&mut signals).await;
     let _ = stop_server.send(());
     match tokio::time::timeout(Duration::from_secs(2), server).await {

@@ -28,9 +28,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if !child {
-                eprintln!("master: {e:#}");
+                eprintln!("master: {e}");
             } else {
-                tracing::error!("{e:#}");
+                tracing::error!("{e}");
             }
             ExitCode::FAILURE
         }
