@@ -12,7 +12,11 @@ use std::time::Duration;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt().without_time().with_ansi(false).with_target(false).init();
+    tracing_subscriber::fmt()
+        .without_time()
+        .with_ansi(false)
+        .with_target(false)
+        .init();
     let agent = agent_sdk::Agent::connect().await?;
     agent.on("pong", |msg| {
         tracing::info!(from = msg.from.worker_id, data = %String::from_utf8_lossy(&msg.data), "pong");
@@ -22,8 +26,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     for round in 0u64.. {
         tick.tick().await;
-        let receipt = agent.send_to_app("ping", &serde_json::json!({ "round": round })).await?;
-        tracing::info!(round, delivered = receipt.delivered, "ping sent to every app worker");
+        let receipt = agent
+            .send_to_app("ping", &serde_json::json!({ "round": round }))
+            .await?;
+        tracing::info!(
+            round,
+            delivered = receipt.delivered,
+            "ping sent to every app worker"
+        );
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -22,7 +23,8 @@ fn main() -> ExitCode {
         // span, with the time; a leading level word keeps the level.
         subscriber.without_time().with_ansi(false).init();
     } else {
-        subscriber.init();
+        // Colour only for a person at a terminal, not in captured logs.
+        subscriber.with_ansi(std::io::stderr().is_terminal()).init();
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,7 +17,11 @@ struct Ping {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt().without_time().with_ansi(false).with_target(false).init();
+    tracing_subscriber::fmt()
+        .without_time()
+        .with_ansi(false)
+        .with_target(false)
+        .init();
     let worker = worker_sdk::Worker::connect().await?;
     let replier = worker.clone();
     worker.on("ping", move |msg| {
