@@ -12,7 +12,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::Stream;
+use std::future::Future;
+use std::pin::Pin;
+
+use futures_util::{FutureExt, Stream};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -34,6 +37,9 @@ pub const EGG_PIDS: &str = "egg-pids";
 /// The action name under which `agent-start` reaches `on` handlers.
 pub const AGENT_START: &str = "agent-start";
 
+/// Handled messages after which an ack goes out even if more are waiting.
+const ACK_EVERY: u64 = 64;
+
 /// How many messages without a handler are kept, before `ready()`, for
 /// handlers registered later. Past this the oldest are dropped with a warning.
 const EARLY_BUFFER: usize = 4096;
@@ -50,9 +56,14 @@ pub struct ConnectOptions {
     pub secret: String,
     /// The role to register as.
     pub role: Role,
-    /// Exit the process when the stream to the master ends, as Egg's children
-    /// do: code 0 after a shutdown notice, 1 otherwise. On by default.
+    /// Exit the process when the master lets it go, as Egg's children do:
+    /// code 0 once the shutdown hooks have run after a shutdown notice, and
+    /// code 1 when the stream to the master breaks. On by default.
     pub exit_on_disconnect: bool,
+    /// Acknowledge handled messages, so that the master re-delivers to this
+    /// slot's next process whatever this one had not handled when it died.
+    /// On by default.
+    pub acks: bool,
     /// Frames that may wait to be written to the master before a send waits.
     pub send_buffer: usize,
 }
@@ -86,6 +97,7 @@ impl ConnectOptions {
             secret,
             role,
             exit_on_disconnect: true,
+            acks: true,
             send_buffer: 1024,
         })
     }
@@ -222,6 +234,7 @@ impl Message {
 type OnHandler = Arc<dyn Fn(Message) + Send + Sync>;
 type OnceHandler = Box<dyn FnOnce(Message) + Send>;
 type UndeliveredHandler = Arc<dyn Fn(SendResult) + Send + Sync>;
+type ShutdownHook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
 enum Handler {
     On(OnHandler),
@@ -264,6 +277,10 @@ struct Inner {
     shutdown: watch::Sender<Option<u32>>,
     /// Becomes true when the stream to the master has ended.
     closed: watch::Sender<bool>,
+    /// Run when the shutdown notice arrives, before the process exits.
+    shutdown_hooks: Mutex<Vec<ShutdownHook>>,
+    /// Whether to exit the process on shutdown or disconnection.
+    exit_on_disconnect: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -303,7 +320,7 @@ impl Client {
         // The master answers the call only after it has read the register
         // frame, so the frame must be queued before the call is awaited.
         frames
-            .send(convert::register_to_pb(&opts.secret, opts.role))
+            .send(convert::register_to_pb(&opts.secret, opts.role, opts.acks))
             .await
             .map_err(|_| {
                 ConnectError::Protocol("request stream closed before registering".into())
@@ -348,8 +365,10 @@ impl Client {
             egg_pids: watch::Sender::new(Arc::from(Vec::new())),
             shutdown: watch::Sender::new(None),
             closed: watch::Sender::new(false),
+            shutdown_hooks: Mutex::new(Vec::new()),
+            exit_on_disconnect: opts.exit_on_disconnect,
         });
-        tokio::spawn(dispatch(inner.clone(), stream, opts.exit_on_disconnect));
+        tokio::spawn(dispatch(inner.clone(), stream));
         tracing::debug!(?identity, "registered with the master");
         Ok(Client { inner })
     }
@@ -442,6 +461,19 @@ impl Client {
             r = shutdown.wait_for(Option::is_some) => r.ok().and_then(|g| g.map(|ms| Duration::from_millis(ms.into()))),
             _ = closed.wait_for(|c| *c) => (*self.inner.shutdown.borrow()).map(|ms| Duration::from_millis(ms.into())),
         }
+    }
+
+    /// Runs `hook` when the master's shutdown notice arrives: finish in-flight
+    /// work there. Messages keep being dispatched meanwhile. Once every hook
+    /// has returned the process exits with code 0 (unless
+    /// `exit_on_disconnect` is off); the master sends SIGTERM if the hooks
+    /// take longer than the grace period it announced.
+    pub fn on_shutdown<F, Fut>(&self, hook: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        lock(&self.inner.shutdown_hooks).push(Box::new(move || Box::pin(hook())));
     }
 
     /// Waits until the stream to the master has ended.
@@ -677,11 +709,33 @@ fn call<F: FnOnce(Message)>(message: &Message, f: F) {
     }
 }
 
-async fn dispatch(
-    inner: Arc<Inner>,
-    mut stream: Streaming<pb::ServerFrame>,
-    exit_on_disconnect: bool,
-) {
+/// Tracks what to acknowledge: cumulative, and sent when the dispatcher has
+/// caught up or every [`ACK_EVERY`] messages, so a stream of messages costs
+/// a fraction of an ack each.
+#[derive(Default)]
+struct Acker {
+    /// The highest handled message sequence number.
+    handled: u64,
+    /// The highest number acknowledged so far.
+    acked: u64,
+}
+
+impl Acker {
+    fn handled(&mut self, seq: u64) {
+        self.handled = self.handled.max(seq);
+    }
+
+    /// Sends an ack if one is due (`caught_up`: nothing else is waiting).
+    /// A full send queue defers it; a later ack covers it.
+    fn flush(&mut self, inner: &Inner, caught_up: bool) {
+        let behind = self.handled - self.acked;
+        if behind > 0 && (caught_up || behind >= ACK_EVERY) && inner.frames.try_send(convert::ack_to_pb(self.handled)).is_ok() {
+            self.acked = self.handled;
+        }
+    }
+}
+
+async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<pb::ServerFrame>) {
     let mut d = Dispatcher {
         handlers: HashMap::new(),
         early: VecDeque::new(),
@@ -697,12 +751,24 @@ async fn dispatch(
         data: Bytes::from(data),
         from: master,
     };
+    let mut acker = Acker::default();
     let ended_cleanly = loop {
         d.apply(&inner).await;
-        let frame = tokio::select! {
-            biased;
-            _ = inner.commands_changed.notified() => continue,
-            frame = stream.message() => frame,
+        // `message()` is cancel-safe: polling it once and dropping it loses
+        // nothing. A frame that is already here is handled before acking.
+        let frame = match stream.message().now_or_never() {
+            Some(frame) => {
+                acker.flush(&inner, false);
+                frame
+            }
+            None => {
+                acker.flush(&inner, true);
+                tokio::select! {
+                    biased;
+                    _ = inner.commands_changed.notified() => continue,
+                    frame = stream.message() => frame,
+                }
+            }
         };
         let out = match frame {
             Ok(Some(frame)) => match convert::outbound_from_pb(frame) {
@@ -720,13 +786,14 @@ async fn dispatch(
             }
         };
         match out {
-            Outbound::Message(m) => {
+            Outbound::Message { seq, delivery: m } => {
                 d.deliver(Message {
                     action: m.action,
                     data: m.data,
                     from: m.from,
                 })
-                .await
+                .await;
+                acker.handled(seq);
             }
             Outbound::EggReady => {
                 inner.egg_ready.send_replace(true);
@@ -760,17 +827,30 @@ async fn dispatch(
             }
             Outbound::Shutdown { grace_ms } => {
                 inner.shutdown.send_replace(Some(grace_ms));
+                let hooks = std::mem::take(&mut *lock(&inner.shutdown_hooks));
+                let exit = inner.exit_on_disconnect;
+                tokio::spawn(async move {
+                    for hook in hooks {
+                        hook().await;
+                    }
+                    if exit {
+                        tracing::info!("the master is stopping the cluster; exiting");
+                        std::process::exit(0);
+                    }
+                });
             }
         }
     };
     inner.closed.send_replace(true);
     // Dropping the waiters fails every pending send with `Disconnected`.
     lock(&inner.pending).clear();
-    if exit_on_disconnect {
+    if inner.exit_on_disconnect {
         let noticed = inner.shutdown.borrow().is_some();
         if noticed {
-            tracing::info!("the master shut the cluster down; exiting");
-            std::process::exit(0);
+            // The shutdown hooks are still running; the master's SIGTERM
+            // ends them if they overrun.
+            tracing::info!("the master closed the stream during shutdown");
+            return;
         }
         tracing::error!(
             clean = ended_cleanly,

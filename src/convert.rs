@@ -54,6 +54,7 @@ pub(crate) fn registration_from_pb(r: pb::Register) -> Registration {
     Registration {
         secret: r.secret,
         role: role_from_pb(r.role),
+        acks: r.acks,
     }
 }
 
@@ -96,12 +97,13 @@ fn frame(kind: pb::server_frame::Kind) -> pb::ServerFrame {
 pub(crate) fn outbound_to_pb(out: Outbound) -> pb::ServerFrame {
     use pb::server_frame::Kind;
     frame(match out {
-        Outbound::Message(d) => Kind::Message(pb::Message {
+        Outbound::Message { seq, delivery: d } => Kind::Message(pb::Message {
             action: d.action.as_ref().to_owned(),
             data: d.data,
             from_role: role_to_pb(d.from.role) as i32,
             from_pid: d.from.pid,
             from_worker_id: d.from.worker_id,
+            seq,
         }),
         Outbound::EggReady => Kind::EggReady(pb::EggReady {}),
         Outbound::EggPids(pids) => Kind::EggPids(pb::EggPids {
@@ -135,15 +137,18 @@ pub(crate) fn outbound_from_pb(f: pb::ServerFrame) -> Option<Inbound> {
     use pb::server_frame::Kind;
     Some(match f.kind? {
         Kind::Welcome(w) => Inbound::Welcome(identity_from_pb(w)),
-        Kind::Message(m) => Inbound::Outbound(Outbound::Message(Delivery {
-            action: Arc::from(m.action),
-            data: m.data,
-            from: Origin {
-                role: role_from_pb(m.from_role).unwrap_or(Role::Master),
-                pid: m.from_pid,
-                worker_id: m.from_worker_id,
+        Kind::Message(m) => Inbound::Outbound(Outbound::Message {
+            seq: m.seq,
+            delivery: Delivery {
+                action: Arc::from(m.action),
+                data: m.data,
+                from: Origin {
+                    role: role_from_pb(m.from_role).unwrap_or(Role::Master),
+                    pid: m.from_pid,
+                    worker_id: m.from_worker_id,
+                },
             },
-        })),
+        }),
         Kind::EggReady(_) => Inbound::Outbound(Outbound::EggReady),
         Kind::EggPids(p) => Inbound::Outbound(Outbound::EggPids(Arc::from(p.pids))),
         Kind::AgentStart(a) => Inbound::Outbound(Outbound::AgentStart { pid: a.pid }),
@@ -178,12 +183,19 @@ pub(crate) enum Inbound {
     Outbound(Outbound),
 }
 
-pub(crate) fn register_to_pb(secret: &str, role: Role) -> pb::ClientFrame {
+pub(crate) fn register_to_pb(secret: &str, role: Role, acks: bool) -> pb::ClientFrame {
     pb::ClientFrame {
         kind: Some(pb::client_frame::Kind::Register(pb::Register {
             secret: secret.to_owned(),
             role: role_to_pb(role) as i32,
+            acks,
         })),
+    }
+}
+
+pub(crate) fn ack_to_pb(seq: u64) -> pb::ClientFrame {
+    pb::ClientFrame {
+        kind: Some(pb::client_frame::Kind::Ack(pb::Ack { seq })),
     }
 }
 

@@ -30,6 +30,12 @@ mod pb {
     tonic::include_proto!("clutch.v1");
 }
 
+/// Path of the protoc binary this crate was built with (from the
+/// `protoc-bin-vendored` crate). The conformance suite uses it to generate
+/// the Go client, so no system protoc is needed.
+#[doc(hidden)]
+pub const VENDORED_PROTOC: &str = env!("CLUTCH_VENDORED_PROTOC");
+
 pub use client::{Client, ConnectError, ConnectOptions, DecodeError, Message, Receipt, SendError};
 pub use types::{
     Code, Delivery, Identity, Origin, Outbound, RegisterError, Registration, Role, SendRequest,

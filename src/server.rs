@@ -43,6 +43,8 @@ pub trait Session: Send + Sync + 'static {
     /// the adapter may read the child's next frame: this is where the hub
     /// applies flow control to a flooding sender.
     fn send(&self, request: SendRequest) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// The child has handled every message up to `seq`.
+    fn ack(&self, seq: u64);
     /// The child's inbound stream ended (cleanly or not).
     fn detach(&self);
 }
@@ -120,6 +122,7 @@ fn kind_name(kind: Option<&pb::client_frame::Kind>) -> &'static str {
         Some(pb::client_frame::Kind::Register(_)) => "`register`",
         Some(pb::client_frame::Kind::Ready(_)) => "`ready`",
         Some(pb::client_frame::Kind::Send(_)) => "`send`",
+        Some(pb::client_frame::Kind::Ack(_)) => "`ack`",
     }
 }
 
@@ -142,6 +145,7 @@ async fn pump_inbound<S: Session>(
         match frame.kind {
             Some(pb::client_frame::Kind::Send(s)) => session.send(convert::send_from_pb(s)).await,
             Some(pb::client_frame::Kind::Ready(_)) => session.ready(),
+            Some(pb::client_frame::Kind::Ack(a)) => session.ack(a.seq),
             Some(pb::client_frame::Kind::Register(_)) => {
                 let _ = violation.send(Status::failed_precondition(
                     "this stream is already registered: `register` is only valid as the first frame",
@@ -150,7 +154,7 @@ async fn pump_inbound<S: Session>(
             }
             None => {
                 let _ = violation.send(Status::invalid_argument(
-                    "empty frame: set one of register, ready or send",
+                    "empty frame: set one of register, ready, send or ack",
                 ));
                 break;
             }

@@ -160,8 +160,13 @@ pub struct SendResult {
 /// layer turns it into the wire frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outbound {
-    /// A routed message.
-    Message(Delivery),
+    /// A routed message, numbered in its receiver's slot sequence.
+    Message {
+        /// The slot sequence number (0 until a mailbox assigns it).
+        seq: u64,
+        /// The message.
+        delivery: Delivery,
+    },
     /// Every process is ready (`egg-ready`).
     EggReady,
     /// `egg-pids`: live app pids (to the agent) or `[agentPid]` (to apps).
@@ -187,6 +192,8 @@ pub struct Registration {
     pub secret: String,
     /// The claimed role; `None` when the frame left it unset.
     pub role: Option<Role>,
+    /// Whether the child acknowledges handled messages.
+    pub acks: bool,
 }
 
 /// A message a child asks the master to route.

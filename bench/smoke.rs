@@ -1,0 +1,1 @@
+//! Placeholder: the benchmark smoke test is being written.
