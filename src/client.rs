@@ -729,7 +729,13 @@ impl Acker {
     /// A full send queue defers it; a later ack covers it.
     fn flush(&mut self, inner: &Inner, caught_up: bool) {
         let behind = self.handled - self.acked;
-        if behind > 0 && (caught_up || behind >= ACK_EVERY) && inner.frames.try_send(convert::ack_to_pb(self.handled)).is_ok() {
+        if behind > 0
+            && (caught_up || behind >= ACK_EVERY)
+            && inner
+                .frames
+                .try_send(convert::ack_to_pb(self.handled))
+                .is_ok()
+        {
             self.acked = self.handled;
         }
     }

@@ -360,6 +360,7 @@ async fn register(addr: &str, secret: &str, role: Role) -> Result<clutch::Client
         role,
         // This is the test process: it must never exit on a closed stream.
         exit_on_disconnect: false,
+        acks: true,
         send_buffer: 1024,
     })
     .await

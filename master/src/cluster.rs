@@ -193,7 +193,7 @@ impl Cluster<'_> {
         let exits = self.exits.0.clone();
         // Spawning under the router's lock makes the secret known to the
         // router before the child can possibly present it.
-        let pid = self.shared.with_router(|r, _| {
+        let pid = self.shared.with_router(|r, out| {
             let launch = Launch {
                 slot,
                 role,
@@ -204,7 +204,7 @@ impl Cluster<'_> {
                 secret: secret.clone(),
             };
             let pid = supervisor::spawn(spec, &launch, &what, exits)?;
-            r.spawned(slot, pid, secret);
+            r.spawned(slot, pid, secret, out);
             Ok::<u32, SpawnError>(pid)
         })?;
         tracing::info!(pid, command = %spec.command.display(), "launched {what}");

@@ -209,6 +209,10 @@ impl ProtocolSession for Session {
         })
     }
 
+    fn ack(&self, seq: u64) {
+        self.shared.with_router(|r, out| r.ack(self.conn, seq, out));
+    }
+
     fn detach(&self) {
         self.span.in_scope(|| tracing::info!("stream closed"));
         self.shared.with_router(|r, out| r.detach(self.conn, out));

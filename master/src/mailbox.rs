@@ -1,22 +1,23 @@
 //! A slot's bounded queue of outbound frames.
 //!
-//! One mechanism serves both cases the contract names: frames for a child
-//! that is attached wait here until its stream writes them, and frames for a
-//! slot whose process has not registered yet (starting, or restarting) are
-//! held here and delivered, in order, once it does.
+//! One mechanism serves every case the contract names: frames for a child
+//! that is attached wait here until its stream writes them; frames for a slot
+//! whose process has not registered yet (starting, or restarting) are held
+//! here and delivered, in order, once it does; and messages written to a
+//! child that acknowledges stay here, as *unacked*, until it does, so that a
+//! crash hands them to the slot's next process instead of losing them.
 //!
 //! Bounds, and what overflow does:
-//! - messages are bounded by count and by bytes (action + payload). A message
-//!   that would pass either bound is refused: the router reports it to the
-//!   sender as RESOURCE_EXHAUSTED, counts it and logs it. The queue never
-//!   grows past its bounds and nothing already queued is displaced.
+//! - messages (queued and unacked alike) are bounded by count and by bytes
+//!   (action + payload). A message that would pass either bound is refused:
+//!   the router reports it to the sender as RESOURCE_EXHAUSTED, counts it and
+//!   logs it. Nothing already queued is displaced.
 //! - control frames (egg-ready, egg-pids, send results…) have their own small
-//!   bound, so a child that floods bad sends and never reads cannot grow
-//!   the master either. Past it a control frame is dropped and counted; the
-//!   only frames that can be refused this way are send results for a child
-//!   that is not reading them.
+//!   bound, so a child that floods bad sends and never reads cannot grow the
+//!   master either. Past it a control frame is dropped and counted.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use clutch::Outbound;
 
@@ -37,33 +38,72 @@ pub enum Full {
 /// The bounds of one mailbox.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bounds {
-    /// Most messages queued at once.
+    /// Most messages held at once (queued plus unacked).
     pub messages: usize,
-    /// Most bytes (actions and payloads) queued at once.
+    /// Most bytes (actions and payloads) held at once.
     pub bytes: usize,
+}
+
+/// Who to tell if a message addressed to one process (`sendTo(pid)`) never
+/// reaches it: such a message must not go to the slot's next process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pinned {
+    /// The sender's slot.
+    pub sender: usize,
+    /// The sender's incarnation when it sent.
+    pub sender_incarnation: u32,
+    /// The sender's id for the send.
+    pub send_id: u64,
+    /// The pid it was addressed to.
+    pub pid: u32,
+}
+
+#[derive(Debug)]
+struct Entry {
+    frame: Outbound,
+    /// Set for `sendTo(pid)` messages.
+    pinned: Option<Pinned>,
 }
 
 /// The queue itself.
 #[derive(Debug, Default)]
 pub struct Mailbox {
-    /// Frames in delivery order.
-    queue: VecDeque<Outbound>,
-    /// Routed messages in `queue`; control frames are the rest.
+    /// Frames not yet written, in delivery order.
+    queue: VecDeque<Entry>,
+    /// Messages written to a child that acknowledges, not yet acknowledged;
+    /// in sequence order.
+    unacked: VecDeque<Entry>,
+    /// Messages in `queue` and `unacked`; control frames are the rest.
     messages: usize,
-    /// Action and payload bytes of the messages in `queue`.
+    /// Action and payload bytes of those messages.
     bytes: usize,
+    /// The last sequence number given to a message.
+    seq: u64,
 }
 
 fn size(frame: &Outbound) -> Option<usize> {
     match frame {
-        Outbound::Message(d) => Some(d.action.len() + d.data.len()),
+        Outbound::Message { delivery, .. } => Some(delivery.action.len() + delivery.data.len()),
         _ => None,
     }
 }
 
+fn seq_of(entry: &Entry) -> u64 {
+    match entry.frame {
+        Outbound::Message { seq, .. } => seq,
+        _ => 0,
+    }
+}
+
 impl Mailbox {
-    /// Queues a frame unless a bound refuses it.
-    pub fn push(&mut self, frame: Outbound, bounds: Bounds) -> Result<(), Full> {
+    /// Queues a frame unless a bound refuses it. A message gets the slot's
+    /// next sequence number.
+    pub fn push(
+        &mut self,
+        mut frame: Outbound,
+        pinned: Option<Pinned>,
+        bounds: Bounds,
+    ) -> Result<(), Full> {
         match size(&frame) {
             Some(bytes) => {
                 if self.messages >= bounds.messages {
@@ -77,49 +117,93 @@ impl Mailbox {
                 }
                 self.messages += 1;
                 self.bytes += bytes;
+                self.seq += 1;
+                if let Outbound::Message { seq, .. } = &mut frame {
+                    *seq = self.seq;
+                }
             }
             None => {
-                if self.queue.len() - self.messages >= CONTROL_CAPACITY {
+                if self.queue.len() + self.unacked.len() - self.messages >= CONTROL_CAPACITY {
                     return Err(Full::Control(CONTROL_CAPACITY));
                 }
             }
         }
-        self.queue.push_back(frame);
+        self.queue.push_back(Entry { frame, pinned });
         Ok(())
     }
 
-    /// Moves up to `max` frames, oldest first, into `out`.
-    pub fn drain_into(&mut self, out: &mut VecDeque<Outbound>, max: usize) {
+    /// Moves up to `max` frames, oldest first, into `out`. With `keep`,
+    /// messages are also kept as unacked until [`Mailbox::ack`].
+    pub fn drain_into(&mut self, out: &mut VecDeque<Outbound>, max: usize, keep: bool) {
         for _ in 0..max {
-            let Some(frame) = self.queue.pop_front() else {
+            let Some(entry) = self.queue.pop_front() else {
                 break;
             };
-            if let Some(bytes) = size(&frame) {
-                self.messages -= 1;
-                self.bytes -= bytes;
+            match size(&entry.frame) {
+                Some(_) if keep => {
+                    out.push_back(entry.frame.clone());
+                    self.unacked.push_back(entry);
+                }
+                Some(bytes) => {
+                    self.messages -= 1;
+                    self.bytes -= bytes;
+                    out.push_back(entry.frame);
+                }
+                None => out.push_back(entry.frame),
             }
-            out.push_back(frame);
         }
     }
 
-    /// Drops the frames meant for one incarnation only (egg-ready, send
-    /// results…) when that incarnation is gone; routed messages stay for the
-    /// slot's next process.
-    pub fn forget_control(&mut self) {
-        self.queue.retain(|f| matches!(f, Outbound::Message(_)));
+    /// The child handled every message up to `seq`.
+    pub fn ack(&mut self, seq: u64) {
+        while self.unacked.front().is_some_and(|e| seq_of(e) <= seq) {
+            if let Some(entry) = self.unacked.pop_front() {
+                if let Some(bytes) = size(&entry.frame) {
+                    self.messages -= 1;
+                    self.bytes -= bytes;
+                }
+            }
+        }
     }
 
-    /// Frames queued.
+    /// The current process of the slot is gone. Messages it had not
+    /// acknowledged go back to the front of the queue, in order, for the
+    /// next process; frames meant for this process only (control frames and
+    /// `sendTo(pid)` messages) are removed, and the pinned ones returned so
+    /// their senders can be told.
+    pub fn end_incarnation(&mut self) -> Vec<(Pinned, Arc<str>)> {
+        while let Some(entry) = self.unacked.pop_back() {
+            self.queue.push_front(entry);
+        }
+        let mut lost = Vec::new();
+        let (mut messages, mut bytes) = (self.messages, self.bytes);
+        self.queue.retain(|e| match (&e.frame, e.pinned) {
+            (Outbound::Message { delivery, .. }, Some(p)) => {
+                lost.push((p, delivery.action.clone()));
+                let n = delivery.action.len() + delivery.data.len();
+                messages -= 1;
+                bytes -= n;
+                false
+            }
+            (Outbound::Message { .. }, None) => true,
+            _ => false,
+        });
+        self.messages = messages;
+        self.bytes = bytes;
+        lost
+    }
+
+    /// Frames held (queued and unacked).
     pub fn len(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + self.unacked.len()
     }
 
-    /// Messages queued (control frames excluded).
+    /// Messages held (control frames excluded).
     pub fn messages(&self) -> usize {
         self.messages
     }
 
-    /// True when nothing is queued.
+    /// True when no frame waits to be written.
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
@@ -127,24 +211,39 @@ impl Mailbox {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use bytes::Bytes;
     use clutch::{Delivery, Origin, Role};
 
     use super::*;
 
     fn msg(n: usize, len: usize) -> Outbound {
-        Outbound::Message(Delivery {
-            action: Arc::from(format!("a{n}")),
-            data: Bytes::from(vec![b'x'; len]),
-            from: Origin {
-                role: Role::Agent,
-                pid: 1,
-                worker_id: 0,
+        Outbound::Message {
+            seq: 0,
+            delivery: Delivery {
+                action: Arc::from(format!("a{n}")),
+                data: Bytes::from(vec![b'x'; len]),
+                from: Origin {
+                    role: Role::Agent,
+                    pid: 1,
+                    worker_id: 0,
+                },
             },
-        })
+        }
     }
+
+    fn actions(out: &VecDeque<Outbound>) -> Vec<(u64, String)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Outbound::Message { seq, delivery } => Some((*seq, delivery.action.to_string())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    const ROOMY: Bounds = Bounds {
+        messages: 100,
+        bytes: 1 << 20,
+    };
 
     #[test]
     fn count_bound_refuses_without_displacing() {
@@ -153,13 +252,14 @@ mod tests {
             bytes: 1 << 20,
         };
         let mut m = Mailbox::default();
-        assert_eq!(m.push(msg(0, 1), bounds), Ok(()));
-        assert_eq!(m.push(msg(1, 1), bounds), Ok(()));
-        assert_eq!(m.push(msg(2, 1), bounds), Err(Full::Messages(2)));
+        assert_eq!(m.push(msg(0, 1), None, bounds), Ok(()));
+        assert_eq!(m.push(msg(1, 1), None, bounds), Ok(()));
+        assert_eq!(m.push(msg(2, 1), None, bounds), Err(Full::Messages(2)));
         let mut out = VecDeque::new();
-        m.drain_into(&mut out, 10);
-        assert_eq!(out, VecDeque::from(vec![msg(0, 1), msg(1, 1)]));
+        m.drain_into(&mut out, 10, false);
+        assert_eq!(actions(&out), vec![(1, "a0".into()), (2, "a1".into())]);
         assert!(m.is_empty());
+        assert_eq!(m.messages(), 0);
     }
 
     #[test]
@@ -169,31 +269,80 @@ mod tests {
             bytes: 10,
         };
         let mut m = Mailbox::default();
-        assert_eq!(m.push(msg(0, 50), bounds), Ok(()));
-        assert_eq!(m.push(msg(1, 1), bounds), Err(Full::Bytes(10)));
+        assert_eq!(m.push(msg(0, 50), None, bounds), Ok(()));
+        assert_eq!(m.push(msg(1, 1), None, bounds), Err(Full::Bytes(10)));
         let mut out = VecDeque::new();
-        m.drain_into(&mut out, 1);
-        assert_eq!(m.push(msg(1, 5), bounds), Ok(()));
-        assert_eq!(m.push(msg(2, 5), bounds), Err(Full::Bytes(10)));
+        m.drain_into(&mut out, 1, false);
+        assert_eq!(m.push(msg(1, 5), None, bounds), Ok(()));
+        assert_eq!(m.push(msg(2, 5), None, bounds), Err(Full::Bytes(10)));
     }
 
     #[test]
-    fn control_frames_have_their_own_bound_and_are_forgotten_with_the_incarnation() {
+    fn control_frames_have_their_own_bound_and_leave_with_the_incarnation() {
         let bounds = Bounds {
             messages: 1,
             bytes: 10,
         };
         let mut m = Mailbox::default();
-        assert_eq!(m.push(msg(0, 1), bounds), Ok(()));
+        assert_eq!(m.push(msg(0, 1), None, bounds), Ok(()));
         for _ in 0..CONTROL_CAPACITY {
-            assert_eq!(m.push(Outbound::EggReady, bounds), Ok(()));
+            assert_eq!(m.push(Outbound::EggReady, None, bounds), Ok(()));
         }
         assert_eq!(
-            m.push(Outbound::EggReady, bounds),
+            m.push(Outbound::EggReady, None, bounds),
             Err(Full::Control(CONTROL_CAPACITY))
         );
-        m.forget_control();
+        assert!(m.end_incarnation().is_empty());
         assert_eq!(m.len(), 1);
         assert_eq!(m.messages(), 1);
+    }
+
+    #[test]
+    fn unacked_messages_count_and_go_to_the_next_process_in_order() {
+        let mut m = Mailbox::default();
+        for n in 0..5 {
+            m.push(msg(n, 1), None, ROOMY).expect("room");
+        }
+        let mut out = VecDeque::new();
+        m.drain_into(&mut out, 3, true);
+        assert_eq!(m.messages(), 5, "unacked messages still count");
+        m.ack(1);
+        assert_eq!(m.messages(), 4);
+        // The process dies having handled only message 1.
+        assert!(m.end_incarnation().is_empty());
+        let mut next = VecDeque::new();
+        m.drain_into(&mut next, 10, true);
+        assert_eq!(
+            actions(&next).iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![2, 3, 4, 5]
+        );
+        m.ack(5);
+        assert_eq!(m.messages(), 0);
+        assert_eq!(m.len(), 0);
+    }
+
+    #[test]
+    fn pinned_messages_do_not_outlive_their_process() {
+        let mut m = Mailbox::default();
+        let pin = Pinned {
+            sender: 0,
+            sender_incarnation: 1,
+            send_id: 7,
+            pid: 42,
+        };
+        m.push(msg(0, 3), Some(pin), ROOMY).expect("room");
+        m.push(msg(1, 3), None, ROOMY).expect("room");
+        m.push(msg(2, 3), Some(pin), ROOMY).expect("room");
+        let mut out = VecDeque::new();
+        m.drain_into(&mut out, 1, true);
+        assert_eq!(
+            m.end_incarnation(),
+            vec![(pin, Arc::from("a0")), (pin, Arc::from("a2"))]
+        );
+        assert_eq!(m.messages(), 1);
+        let mut next = VecDeque::new();
+        m.drain_into(&mut next, 10, false);
+        assert_eq!(actions(&next), vec![(2, "a1".into())]);
+        assert_eq!(m.messages(), 0);
     }
 }

@@ -12,7 +12,7 @@
 //! worker id is its slot number. A slot outlives its processes; each process
 //! that holds it is one *incarnation*.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -21,7 +21,7 @@ use clutch::{
     Code, Delivery, Identity, Origin, Outbound, Registration, Role, SendResult, Target, Undelivered,
 };
 
-use crate::mailbox::{Bounds, Full, Mailbox};
+use crate::mailbox::{Bounds, Full, Mailbox, Pinned};
 
 /// A slot's index: 0 is the agent, `n` is app worker `n`.
 pub type SlotId = usize;
@@ -97,11 +97,13 @@ enum Phase {
     Idle,
     /// A process runs with this secret but has not registered.
     Spawned { pid: u32, secret: String },
-    /// The process registered; `ready` once it said so.
+    /// The process registered; `ready` once it said so; `acks` when it
+    /// acknowledges handled messages.
     Attached {
         pid: u32,
         secret: String,
         ready: bool,
+        acks: bool,
     },
     /// The process's stream ended; the process may still be running.
     Detached { pid: u32, secret: String },
@@ -143,13 +145,12 @@ struct Slot {
     /// A flow-control wait on this mailbox timed out: senders stop waiting
     /// for it (its overflow is reported instead) until it drains.
     stalled: bool,
+    /// It passed the high watermark: senders may be waiting for it to drain.
+    congested: bool,
     /// Messages handed to this slot's mailbox.
     delivered: u64,
     /// Frames refused by this slot's mailbox.
     dropped: u64,
-    /// The shutdown notice is queued: end the stream once the mailbox is
-    /// written out, so the child sees the notice and then the end.
-    closing: bool,
 }
 
 impl Slot {
@@ -189,6 +190,9 @@ pub struct Router {
     slots: Vec<Slot>,
     /// The current pid of every slot with a live or unreaped process.
     pids: HashMap<u32, SlotId>,
+    /// Recently replaced pids and their slots, newest last, so that a
+    /// `sendTo` an old pid can say the process exited. Bounded.
+    retired: VecDeque<(u32, SlotId)>,
     /// Payload, action and mailbox limits.
     limits: Limits,
     /// The barrier passed once; later incarnations get their own egg-ready.
@@ -212,9 +216,9 @@ impl Router {
             egg_ready_sent: false,
             mailbox: Mailbox::default(),
             stalled: false,
+            congested: false,
             delivered: 0,
             dropped: 0,
-            closing: false,
         };
         let mut slots = vec![slot(Role::Agent, 0)];
         slots.extend((1..=workers).map(|id| slot(Role::App, id as u32)));
@@ -222,6 +226,7 @@ impl Router {
             master_pid,
             slots,
             pids: HashMap::new(),
+            retired: VecDeque::new(),
             limits,
             cluster_ready: false,
             apps_launched: false,
@@ -262,16 +267,61 @@ impl Router {
     }
 
     /// A process was launched for `slot` with this pid and secret.
-    pub fn spawned(&mut self, slot: SlotId, pid: u32, secret: String) {
-        let s = &mut self.slots[slot];
-        if let Some(old) = s.phase.pid() {
+    pub fn spawned(&mut self, slot: SlotId, pid: u32, secret: String, out: &mut Vec<Action>) {
+        self.end_incarnation(slot, out);
+        if let Some(old) = self.slots[slot].phase.pid() {
             self.pids.remove(&old);
+            if self.retired.len() == RETIRED_PIDS {
+                self.retired.pop_front();
+            }
+            self.retired.push_back((old, slot));
         }
+        let s = &mut self.slots[slot];
         s.incarnation += 1;
         s.phase = Phase::Spawned { pid, secret };
         s.egg_ready_sent = false;
-        s.mailbox.forget_control();
         self.pids.insert(pid, slot);
+    }
+
+    /// True when `slot`'s process of this incarnation said it is ready.
+    pub fn is_ready(&self, slot: SlotId, incarnation: u32) -> bool {
+        let s = &self.slots[slot];
+        s.incarnation == incarnation && s.phase.is_ready()
+    }
+
+    /// The slot's current process is gone or cut off: hand its unacked
+    /// messages to the next one, and tell the senders of `sendTo(pid)`
+    /// messages it never got.
+    fn end_incarnation(&mut self, slot: SlotId, out: &mut Vec<Action>) {
+        let lost = self.slots[slot].mailbox.end_incarnation();
+        for (pin, action) in lost {
+            let s = &self.slots[slot];
+            let undelivered = Undelivered {
+                code: Code::NotFound,
+                message: format!(
+                    "pid {} ({}) exited before handling the message",
+                    pin.pid,
+                    s.name()
+                ),
+                pid: pin.pid,
+                worker_id: s.worker_id,
+                role: Some(s.role),
+            };
+            let sender = Conn {
+                slot: pin.sender,
+                incarnation: pin.sender_incarnation,
+            };
+            if self.current(sender).is_some() {
+                let result = SendResult {
+                    id: pin.send_id,
+                    action,
+                    delivered: 0,
+                    held: 0,
+                    undelivered: vec![undelivered],
+                };
+                let _ = self.push(pin.sender, Outbound::SendResult(result), None, out);
+            }
+        }
     }
 
     /// A stream presents a registration. On success the slot is attached and
@@ -316,6 +366,7 @@ impl Router {
             pid,
             secret: secret.clone(),
             ready: false,
+            acks: reg.acks,
         };
         let identity = Identity {
             role: s.role,
@@ -331,7 +382,7 @@ impl Router {
         };
         if s.role == Role::App {
             let agent = self.agent_pids();
-            let _ = self.push(slot, Outbound::EggPids(agent), out);
+            let _ = self.push(slot, Outbound::EggPids(agent), None, out);
         }
         if !self.slots[slot].mailbox.is_empty() {
             out.push(Action::Wake(slot));
@@ -361,8 +412,8 @@ impl Router {
                 let pids = self.agent_pids();
                 for app in 1..self.slots.len() {
                     if self.is_attached(app) {
-                        let _ = self.push(app, Outbound::AgentStart { pid }, out);
-                        let _ = self.push(app, Outbound::EggPids(pids.clone()), out);
+                        let _ = self.push(app, Outbound::AgentStart { pid }, None, out);
+                        let _ = self.push(app, Outbound::EggPids(pids.clone()), None, out);
                     }
                 }
             }
@@ -411,15 +462,30 @@ impl Router {
                     data: req.data,
                     from,
                 };
+                let pinned = match req.target {
+                    Some(Target::Pid(pid)) => Some(Pinned {
+                        sender: conn.slot,
+                        sender_incarnation: conn.incarnation,
+                        send_id: req.id,
+                        pid,
+                    }),
+                    _ => None,
+                };
                 for slot in targets {
                     let attached = self.is_attached(slot);
-                    match self.push(slot, Outbound::Message(delivery.clone()), out) {
+                    let frame = Outbound::Message {
+                        seq: 0,
+                        delivery: delivery.clone(),
+                    };
+                    match self.push(slot, frame, pinned, out) {
                         Ok(()) => {
                             self.slots[slot].delivered += 1;
                             if attached {
                                 result.delivered += 1;
-                                let s = &self.slots[slot];
-                                if !s.stalled && s.mailbox.messages() >= self.high_watermark() {
+                                let high = self.high_watermark();
+                                let s = &mut self.slots[slot];
+                                if !s.stalled && s.mailbox.messages() >= high {
+                                    s.congested = true;
                                     congested.push(slot);
                                 }
                             } else {
@@ -432,7 +498,7 @@ impl Router {
             }
         }
         if req.want_result || !result.undelivered.is_empty() {
-            let _ = self.push(conn.slot, Outbound::SendResult(result), out);
+            let _ = self.push(conn.slot, Outbound::SendResult(result), None, out);
         }
         congested
     }
@@ -497,11 +563,19 @@ impl Router {
                 }
                 vec![ready[self.next_random() as usize % ready.len()]]
             }
-            Target::Pid(pid) => match self.pids.get(&pid) {
-                Some(&slot) if !matches!(self.slots[slot].phase, Phase::Exited { .. }) => {
+            Target::Pid(pid) => match self
+                .pids
+                .get(&pid)
+                .copied()
+                .or_else(|| self.retired_slot(pid))
+            {
+                Some(slot)
+                    if self.slots[slot].phase.pid() == Some(pid)
+                        && !matches!(self.slots[slot].phase, Phase::Exited { .. }) =>
+                {
                     vec![slot]
                 }
-                Some(&slot) => {
+                Some(slot) => {
                     return Err(Undelivered {
                         code: Code::NotFound,
                         message: format!("pid {pid} ({}) has exited", self.slots[slot].name()),
@@ -521,6 +595,14 @@ impl Router {
                 }
             },
         })
+    }
+
+    fn retired_slot(&self, pid: u32) -> Option<SlotId> {
+        self.retired
+            .iter()
+            .rev()
+            .find(|(p, _)| *p == pid)
+            .map(|(_, s)| *s)
     }
 
     fn undelivered_full(&mut self, slot: SlotId, full: Full) -> Undelivered {
@@ -551,6 +633,7 @@ impl Router {
         };
         let role = s.role;
         out.push(Action::Wake(conn.slot));
+        self.end_incarnation(conn.slot, out);
         self.lost_liveness(role, out);
     }
 
@@ -563,8 +646,8 @@ impl Router {
         let was_live = s.phase.is_ready();
         let was_attached = matches!(s.phase, Phase::Attached { .. });
         s.phase = Phase::Exited { pid };
-        s.mailbox.forget_control();
         let role = s.role;
+        self.end_incarnation(slot, out);
         if was_attached {
             out.push(Action::Wake(slot));
         }
@@ -578,9 +661,10 @@ impl Router {
         });
     }
 
-    /// Begins shutdown for every child of `role`: refuse new registrations,
-    /// queue the shutdown notice and end their streams once it is written.
-    /// Returns the pids of that role's processes.
+    /// Begins shutdown for every child of `role`: refuse new registrations
+    /// and queue the shutdown notice. Streams stay open, so in-flight work
+    /// can still report; they end when the processes exit. Returns the pids
+    /// of that role's processes.
     pub fn shutdown(
         &mut self,
         role: Role,
@@ -594,9 +678,7 @@ impl Router {
                 continue;
             }
             if self.is_attached(slot) {
-                let _ = self.push(slot, Outbound::Shutdown { grace_ms }, out);
-                self.slots[slot].closing = true;
-                out.push(Action::Wake(slot));
+                let _ = self.push(slot, Outbound::Shutdown { grace_ms }, None, out);
             }
             match self.slots[slot].phase {
                 Phase::Exited { .. } | Phase::Idle => {}
@@ -611,7 +693,7 @@ impl Router {
     pub fn drain(
         &mut self,
         conn: Conn,
-        buf: &mut std::collections::VecDeque<Outbound>,
+        buf: &mut VecDeque<Outbound>,
         max: usize,
         out: &mut Vec<Action>,
     ) -> bool {
@@ -622,16 +704,32 @@ impl Router {
         if !matches!(s.phase, Phase::Attached { .. }) {
             return false;
         }
-        if s.closing && s.mailbox.is_empty() {
+        let Phase::Attached { acks, .. } = s.phase else {
             return false;
-        }
-        let before = s.mailbox.messages();
-        s.mailbox.drain_into(buf, max);
-        if before >= low && s.mailbox.messages() < low {
-            s.stalled = false;
-            out.push(Action::Relieved(conn.slot));
-        }
+        };
+        s.mailbox.drain_into(buf, max, acks);
+        self.relieve(conn.slot, low, out);
         true
+    }
+
+    /// The child of `conn` handled every message up to `seq`.
+    pub fn ack(&mut self, conn: Conn, seq: u64, out: &mut Vec<Action>) {
+        let low = self.low_watermark();
+        let Some(s) = self.current(conn) else { return };
+        if matches!(s.phase, Phase::Attached { acks: true, .. }) {
+            s.mailbox.ack(seq);
+            self.relieve(conn.slot, low, out);
+        }
+    }
+
+    /// Releases senders waiting on `slot` once its mailbox is below `low`.
+    fn relieve(&mut self, slot: SlotId, low: usize, out: &mut Vec<Action>) {
+        let s = &mut self.slots[slot];
+        if s.mailbox.messages() < low && (s.stalled || s.congested) {
+            s.stalled = false;
+            s.congested = false;
+            out.push(Action::Relieved(slot));
+        }
     }
 
     /// Whether a sender waiting on `slot` for flow control may go on.
@@ -668,7 +766,7 @@ impl Router {
     fn send_egg_ready(&mut self, slot: SlotId, out: &mut Vec<Action>) {
         if !self.slots[slot].egg_ready_sent && self.slots[slot].phase.is_ready() {
             self.slots[slot].egg_ready_sent = true;
-            let _ = self.push(slot, Outbound::EggReady, out);
+            let _ = self.push(slot, Outbound::EggReady, None, out);
         }
     }
 
@@ -689,7 +787,7 @@ impl Router {
                 .filter(|s| s.phase.is_ready())
                 .filter_map(|s| s.phase.pid())
                 .collect();
-            let _ = self.push(AGENT, Outbound::EggPids(pids), out);
+            let _ = self.push(AGENT, Outbound::EggPids(pids), None, out);
         }
     }
 
@@ -700,7 +798,7 @@ impl Router {
             _ => {
                 for app in 1..self.slots.len() {
                     if self.is_attached(app) {
-                        let _ = self.push(app, Outbound::EggPids(Arc::from([])), out);
+                        let _ = self.push(app, Outbound::EggPids(Arc::from([])), None, out);
                     }
                 }
             }
@@ -710,17 +808,23 @@ impl Router {
     /// Queues a frame for a slot, waking its stream if it was idle. A refused
     /// frame is counted and reported as an action; the caller decides whether
     /// the sender hears of it too.
-    fn push(&mut self, slot: SlotId, frame: Outbound, out: &mut Vec<Action>) -> Result<(), Full> {
+    fn push(
+        &mut self,
+        slot: SlotId,
+        frame: Outbound,
+        pinned: Option<Pinned>,
+        out: &mut Vec<Action>,
+    ) -> Result<(), Full> {
         let bounds = self.limits.mailbox;
         let attached = self.is_attached(slot);
         let s = &mut self.slots[slot];
         let was_empty = s.mailbox.is_empty();
         let what: Option<Arc<str>> = match &frame {
-            Outbound::Message(d) => Some(d.action.clone()),
+            Outbound::Message { delivery, .. } => Some(delivery.action.clone()),
             _ => None,
         };
         let kind = frame_kind(&frame);
-        match s.mailbox.push(frame, bounds) {
+        match s.mailbox.push(frame, pinned, bounds) {
             Ok(()) => {
                 if attached && was_empty {
                     out.push(Action::Wake(slot));
@@ -752,7 +856,7 @@ impl Router {
 
 fn frame_kind(frame: &Outbound) -> &'static str {
     match frame {
-        Outbound::Message(_) => "message",
+        Outbound::Message { .. } => "message",
         Outbound::EggReady => "egg-ready",
         Outbound::EggPids(_) => "egg-pids",
         Outbound::AgentStart { .. } => "agent-start",
@@ -760,6 +864,9 @@ fn frame_kind(frame: &Outbound) -> &'static str {
         Outbound::Shutdown { .. } => "shutdown",
     }
 }
+
+/// Replaced pids remembered for `sendTo` error messages.
+const RETIRED_PIDS: usize = 256;
 
 /// Compares secrets in time that does not depend on where they differ.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -794,7 +901,7 @@ mod tests {
         fn with_limits(n: usize, limits: Limits) -> Fixture {
             let mut router = Router::new(MASTER, n, limits, 7);
             for slot in 0..=n {
-                router.spawned(slot, pid(slot), format!("s{slot}"));
+                router.spawned(slot, pid(slot), format!("s{slot}"), &mut Vec::new());
             }
             Fixture {
                 router,
@@ -804,14 +911,19 @@ mod tests {
         }
 
         fn register(&mut self, slot: SlotId) -> Identity {
+            self.register_with(slot, format!("s{slot}"), false)
+        }
+
+        fn register_with(&mut self, slot: SlotId, secret: String, acks: bool) -> Identity {
             let role = if slot == AGENT {
                 Role::Agent
             } else {
                 Role::App
             };
             let reg = Registration {
-                secret: format!("s{slot}"),
+                secret,
                 role: Some(role),
+                acks,
             };
             let (id, conn) = self
                 .router
@@ -874,7 +986,7 @@ mod tests {
             self.frames(slot)
                 .into_iter()
                 .filter_map(|f| match f {
-                    Outbound::Message(d) => Some(d),
+                    Outbound::Message { delivery, .. } => Some(delivery),
                     _ => None,
                 })
                 .collect()
@@ -895,6 +1007,7 @@ mod tests {
         Registration {
             secret: secret.into(),
             role,
+            acks: false,
         }
     }
 
@@ -1257,7 +1370,7 @@ mod tests {
         let mut f = Fixture::up(1);
         let old = f.conn(1);
         f.router.exited(1, pid(1), &mut f.actions);
-        f.router.spawned(1, 555, "new".into());
+        f.router.spawned(1, 555, "new".into(), &mut Vec::new());
         f.actions.clear();
         f.router.ready(old, &mut f.actions);
         f.router.detach(old, &mut f.actions);
@@ -1276,19 +1389,94 @@ mod tests {
     }
 
     #[test]
-    fn shutdown_notifies_one_role_then_ends_its_streams() {
+    fn shutdown_notifies_one_role_and_keeps_routing_for_in_flight_work() {
         let mut f = Fixture::up(2);
         let pids = f.router.shutdown(Role::App, 250, &mut f.actions);
         assert_eq!(pids, vec![(1, pid(1)), (2, pid(2))]);
         assert_eq!(f.frames(1), vec![Outbound::Shutdown { grace_ms: 250 }]);
-        assert!(
-            !f.router
-                .drain(f.conn(1), &mut VecDeque::new(), 10, &mut f.actions),
-            "stream ends after the notice"
+        f.send(1, Some(Target::Agent), "result", b"1");
+        assert_eq!(
+            f.messages(AGENT).len(),
+            1,
+            "an app can still report to the agent"
         );
-        assert!(
-            f.frames(AGENT).is_empty(),
+        let pids = f.router.shutdown(Role::Agent, 250, &mut f.actions);
+        assert_eq!(
+            pids,
+            vec![(AGENT, pid(AGENT))],
             "the agent is stopped in a later phase"
+        );
+        assert_eq!(f.frames(AGENT), vec![Outbound::Shutdown { grace_ms: 250 }]);
+    }
+
+    #[test]
+    fn unacked_messages_go_to_the_slots_next_process() {
+        let mut f = Fixture::new(1);
+        f.register_with(AGENT, "s0".into(), true);
+        f.ready(AGENT);
+        f.register(1);
+        f.ready(1);
+        f.frames(AGENT);
+        for _ in 0..3 {
+            f.send(1, Some(Target::Agent), "tick", b"t");
+        }
+        let seqs: Vec<u64> = f
+            .frames(AGENT)
+            .into_iter()
+            .filter_map(|o| match o {
+                Outbound::Message { seq, .. } => Some(seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs.len(), 3);
+        // The agent handled the first tick, then died.
+        let conn = f.conn(AGENT);
+        f.router.ack(conn, seqs[0], &mut f.actions);
+        f.router.exited(AGENT, pid(AGENT), &mut f.actions);
+        f.router.spawned(AGENT, 900, "again".into(), &mut f.actions);
+        // A tick sent while the agent is down is held behind the unacked ones.
+        f.send(1, Some(Target::Agent), "tick", b"u");
+        f.register_with(AGENT, "again".into(), true);
+        let got: Vec<(u64, Vec<u8>)> = f
+            .frames(AGENT)
+            .into_iter()
+            .filter_map(|o| match o {
+                Outbound::Message { seq, delivery } => Some((seq, delivery.data.to_vec())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (seqs[1], b"t".to_vec()),
+                (seqs[2], b"t".to_vec()),
+                (seqs[2] + 1, b"u".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn send_to_a_process_that_dies_first_is_reported_not_found() {
+        let mut f = Fixture::up(2);
+        f.send(AGENT, Some(Target::Pid(pid(2))), "job", b"1");
+        let r = f.result(AGENT);
+        assert_eq!(r.delivered, 1);
+        f.router.exited(2, pid(2), &mut f.actions);
+        let r = f.result(AGENT);
+        assert_eq!(r.undelivered[0].code, Code::NotFound);
+        assert!(
+            r.undelivered[0].message.contains("exited before handling"),
+            "{}",
+            r.undelivered[0].message
+        );
+        // After the slot has a new process, the old pid is still known as exited.
+        f.router.spawned(2, 777, "n".into(), &mut f.actions);
+        f.send(AGENT, Some(Target::Pid(pid(2))), "job", b"1");
+        let r = f.result(AGENT);
+        assert!(
+            r.undelivered[0].message.contains("has exited"),
+            "{}",
+            r.undelivered[0].message
         );
     }
 
