@@ -1,0 +1,1 @@
+//! Supervision end-to-end tests (being written).
