@@ -6,7 +6,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // Tests that generate code for other languages (the conformance suite)
     // use the same protoc; see `clutch::VENDORED_PROTOC`.
-    println!("cargo:rustc-env=CLUTCH_VENDORED_PROTOC={}", protoc.display());
+    println!(
+        "cargo:rustc-env=CLUTCH_VENDORED_PROTOC={}",
+        protoc.display()
+    );
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure()

@@ -1,6 +1,6 @@
 //! The master's main loop: binds the listener, serves the messenger, launches
-//! children when the router says so, watches them, and stops everything in
-//! order on a signal.
+//! children when the router says so, restarts them under the backoff rules,
+//! enforces start timeouts, and stops everything in order on a signal.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,27 +16,29 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
 use crate::hub::{Hub, Shared};
+use crate::restart::{Backoff, Decision, OnLimit};
 use crate::router::{Action, Router, SlotId, AGENT};
 use crate::supervisor::{self, Ending, Exit, Launch, SpawnError};
 
-/// Why the master stopped with an error.
+/// Why the master stopped with an error. [`MasterError::exit_code`] maps
+/// each to the documented exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
     /// The listener could not bind.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {reason}")]
     Bind {
         /// The address.
         addr: SocketAddr,
         /// The OS's reason.
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// The address file could not be written.
-    #[error("cannot write the address file {path}: {source}")]
+    #[error("cannot write the address file {path}: {reason}")]
     AddrFile {
         /// The file.
         path: PathBuf,
         /// The OS's reason.
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// A child could not be started.
     #[error(transparent)]
@@ -56,9 +58,44 @@ pub enum MasterError {
         /// The last lines it wrote to stderr.
         stderr_tail: Vec<String>,
     },
+    /// A child did not become ready in time during the cluster's start.
+    #[error("{what} (pid {pid}) did not become ready within {} ms; it was killed{}", timeout.as_millis(), tail(stderr_tail))]
+    StartTimeout {
+        /// "agent" or "app worker N".
+        what: String,
+        /// Its pid.
+        pid: u32,
+        /// The start timeout it missed.
+        timeout: Duration,
+        /// The last lines it wrote to stderr.
+        stderr_tail: Vec<String>,
+    },
+    /// A slot crashed more often than its restart-intensity limit allows.
+    #[error("{what} needed {restarts} restarts within {} ms (the limit is {max}): stopping the cluster", window.as_millis())]
+    RestartLimit {
+        /// "agent" or "app worker N".
+        what: String,
+        /// Restarts within the window.
+        restarts: u32,
+        /// The limit.
+        max: u32,
+        /// The window.
+        window: Duration,
+    },
     /// A signal handler could not be installed, or the OS gave no randomness.
     #[error("cannot set up the master: {0}")]
     Setup(String),
+}
+
+impl MasterError {
+    /// The master's exit code for this error (see the README): 3 for the
+    /// restart limit, 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            MasterError::RestartLimit { .. } => 3,
+            _ => 1,
+        }
+    }
 }
 
 fn tail(lines: &[String]) -> String {
@@ -73,17 +110,30 @@ fn tail(lines: &[String]) -> String {
     s
 }
 
-/// Runs the cluster until a signal stops it (Ok) or its start fails (Err).
+/// Events that the loop schedules for itself.
+#[derive(Debug)]
+enum Timer {
+    /// The start timeout of this process of the slot ran out.
+    StartDeadline {
+        slot: SlotId,
+        incarnation: u32,
+        pid: u32,
+    },
+    /// The backoff delay before restarting the slot is over.
+    Relaunch(SlotId),
+}
+
+/// Runs the cluster until a signal stops it (Ok) or it fails (Err).
 pub async fn run(config: Config) -> Result<(), MasterError> {
     let listener = TcpListener::bind(config.listen)
         .await
-        .map_err(|source| MasterError::Bind {
+        .map_err(|reason| MasterError::Bind {
             addr: config.listen,
-            source,
+            reason,
         })?;
-    let addr = listener.local_addr().map_err(|source| MasterError::Bind {
+    let addr = listener.local_addr().map_err(|reason| MasterError::Bind {
         addr: config.listen,
-        source,
+        reason,
     })?;
     let (lifecycle_tx, mut lifecycle) = mpsc::unbounded_channel();
     let router = Router::new(
@@ -121,29 +171,38 @@ pub async fn run(config: Config) -> Result<(), MasterError> {
     }
 
     let mut signals = Signals::new()?;
+    let (timer_tx, mut timers) = mpsc::unbounded_channel();
     let mut cluster = Cluster {
         config: &config,
         shared: &shared,
         addr: addr.to_string(),
         live: HashMap::new(),
         last_exit: HashMap::new(),
+        timed_out: HashMap::new(),
+        backoff: (0..=config.workers).map(|_| Backoff::default()).collect(),
+        cluster_ready: false,
         drops: DropLog::default(),
         exits: mpsc::channel(64),
+        timers: timer_tx,
     };
     let started = Instant::now();
     let outcome = match cluster.launch(AGENT) {
         Err(e) => Err(e),
         Ok(()) => loop {
-            tokio::select! {
-                Some(action) = lifecycle.recv() => match cluster.on_action(action, started) {
-                    Ok(()) => {}
-                    Err(e) => break Err(e),
-                },
-                Some(exit) = cluster.exits.1.recv() => cluster.on_exit(exit),
+            let step = tokio::select! {
+                Some(action) = lifecycle.recv() => cluster.on_action(action, started),
+                Some(exit) = cluster.exits.1.recv() => {
+                    cluster.on_exit(exit);
+                    Ok(())
+                }
+                Some(timer) = timers.recv() => cluster.on_timer(timer),
                 name = signals.next() => {
                     tracing::info!(signal = name, "stopping the cluster: apps first, then the agent");
                     break Ok(());
                 }
+            };
+            if let Err(e) = step {
+                break Err(e);
             }
         },
     };
@@ -172,28 +231,44 @@ struct Cluster<'a> {
     live: HashMap<SlotId, u32>,
     /// The last exit of each slot, to explain a failed start.
     last_exit: HashMap<SlotId, Exit>,
+    /// Processes killed for missing their start timeout, by slot.
+    timed_out: HashMap<SlotId, (u32, Duration)>,
+    /// Per slot: restart history for backoff and the intensity limit.
+    backoff: Vec<Backoff>,
+    /// The barrier passed: exits are crashes to restart, not a failed start.
+    cluster_ready: bool,
     /// Rate limit for mailbox-overflow warnings.
     drops: DropLog,
     /// Child exits, from the supervisor's watchers. Bounded: a watcher
     /// waits for room, and there is one watcher per child.
     exits: (mpsc::Sender<Exit>, mpsc::Receiver<Exit>),
+    /// Where scheduled events go. Unbounded by type, bounded by
+    /// construction: at most one start deadline and one pending relaunch
+    /// per slot at a time.
+    timers: mpsc::UnboundedSender<Timer>,
 }
 
 impl Cluster<'_> {
+    fn slot_name(&self, slot: SlotId) -> String {
+        self.shared.with_router(|r, _| r.slot_name(slot))
+    }
+
     fn launch(&mut self, slot: SlotId) -> Result<(), MasterError> {
         let secret = secret()?;
-        let (spec, role, what) = {
-            let name = self.shared.with_router(|r, _| r.slot_name(slot));
-            if slot == AGENT {
-                (&self.config.agent, Role::Agent, name)
-            } else {
-                (&self.config.app, Role::App, name)
-            }
+        let (spec, role, start_timeout) = if slot == AGENT {
+            (
+                &self.config.agent,
+                Role::Agent,
+                self.config.agent_start_timeout,
+            )
+        } else {
+            (&self.config.app, Role::App, self.config.app_start_timeout)
         };
+        let what = self.slot_name(slot);
         let exits = self.exits.0.clone();
         // Spawning under the router's lock makes the secret known to the
         // router before the child can possibly present it.
-        let pid = self.shared.with_router(|r, out| {
+        let (pid, incarnation) = self.shared.with_router(|r, out| {
             let launch = Launch {
                 slot,
                 role,
@@ -205,11 +280,67 @@ impl Cluster<'_> {
             };
             let pid = supervisor::spawn(spec, &launch, &what, exits)?;
             r.spawned(slot, pid, secret, out);
-            Ok::<u32, SpawnError>(pid)
+            Ok::<_, SpawnError>((pid, launch.incarnation))
         })?;
-        tracing::info!(pid, command = %spec.command.display(), "launched {what}");
+        tracing::info!(pid, incarnation, command = %spec.command.display(), "launched {what}");
         self.live.insert(slot, pid);
+        self.backoff[slot].started(Instant::now());
+        self.after(
+            start_timeout,
+            Timer::StartDeadline {
+                slot,
+                incarnation,
+                pid,
+            },
+        );
         Ok(())
+    }
+
+    /// Schedules `timer` after `delay`.
+    fn after(&self, delay: Duration, timer: Timer) {
+        let timers = self.timers.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            // The loop has ended when this fails; the timer no longer matters.
+            let _ = timers.send(timer);
+        });
+    }
+
+    fn on_timer(&mut self, timer: Timer) -> Result<(), MasterError> {
+        match timer {
+            Timer::StartDeadline {
+                slot,
+                incarnation,
+                pid,
+            } => {
+                let ready = self
+                    .shared
+                    .with_router(|r, _| r.is_ready(slot, incarnation));
+                if !ready && self.live.get(&slot) == Some(&pid) {
+                    let timeout = if slot == AGENT {
+                        self.config.agent_start_timeout
+                    } else {
+                        self.config.app_start_timeout
+                    };
+                    tracing::error!(
+                        pid,
+                        "{} did not become ready within {} ms; killing it",
+                        self.slot_name(slot),
+                        timeout.as_millis()
+                    );
+                    self.timed_out.insert(slot, (pid, timeout));
+                    supervisor::signal(pid, Signal::SIGKILL);
+                }
+                Ok(())
+            }
+            Timer::Relaunch(slot) => {
+                if let Err(e) = self.launch(slot) {
+                    tracing::error!("{e}");
+                    return self.restart_later(slot);
+                }
+                Ok(())
+            }
+        }
     }
 
     fn on_action(&mut self, action: Action, started: Instant) -> Result<(), MasterError> {
@@ -219,25 +350,38 @@ impl Cluster<'_> {
                     self.launch(slot)?;
                 }
             }
-            Action::ClusterReady => tracing::info!(
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "egg-ready: the agent and all {} app workers are ready",
-                self.config.workers
-            ),
+            Action::ClusterReady => {
+                self.cluster_ready = true;
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "egg-ready: the agent and all {} app workers are ready",
+                    self.config.workers
+                );
+            }
             Action::StartupFailed(slot) => {
-                let what = self.shared.with_router(|r, _| r.slot_name(slot));
+                let what = self.slot_name(slot);
                 let exit = self.last_exit.get(&slot);
+                let stderr_tail = exit.map(|e| e.stderr_tail.clone()).unwrap_or_default();
+                let pid = exit.map_or(0, |e| e.pid);
+                if let Some(&(killed, timeout)) = self.timed_out.get(&slot) {
+                    if killed == pid {
+                        return Err(MasterError::StartTimeout {
+                            what,
+                            pid,
+                            timeout,
+                            stderr_tail,
+                        });
+                    }
+                }
                 return Err(MasterError::StartupFailed {
                     what,
-                    pid: exit.map_or(0, |e| e.pid),
+                    pid,
                     ending: exit.map_or(Ending::Code(-1), |e| e.ending),
-                    stderr_tail: exit.map(|e| e.stderr_tail.clone()).unwrap_or_default(),
+                    stderr_tail,
                 });
             }
-            Action::Lost(slot) => {
-                let what = self.shared.with_router(|r, _| r.slot_name(slot));
-                tracing::error!("{what} ended after the cluster was ready; its slot stays empty and messages for it are held (bounded) in its mailbox");
-            }
+            Action::Lost(_) if !self.cluster_ready => {}
+            Action::Lost(slot) => return self.restart_later(slot),
             Action::Dropped { slot, full, what } => {
                 self.drops.record(self.shared, slot, full, &what)
             }
@@ -245,6 +389,43 @@ impl Cluster<'_> {
             Action::Wake(_) | Action::Relieved(_) => {}
         }
         Ok(())
+    }
+
+    /// The slot's process is gone after the cluster was ready: restart it
+    /// after its backoff delay, or apply the limit policy.
+    fn restart_later(&mut self, slot: SlotId) -> Result<(), MasterError> {
+        let policy = if slot == AGENT {
+            self.config.agent_restart
+        } else {
+            self.config.app_restart
+        };
+        let what = self.slot_name(slot);
+        match self.backoff[slot].crashed(&policy, Instant::now()) {
+            Decision::RestartIn(delay) => {
+                tracing::warn!(delay_ms = delay.as_millis() as u64, "restarting {what}");
+                self.after(delay, Timer::Relaunch(slot));
+                Ok(())
+            }
+            Decision::Limit { restarts } => match policy.on_limit {
+                OnLimit::Stop => Err(MasterError::RestartLimit {
+                    what,
+                    restarts,
+                    max: policy.max_restarts,
+                    window: policy.window,
+                }),
+                OnLimit::KeepRunning => {
+                    let dropped = self.shared.with_router(|r, out| r.fail(slot, out));
+                    tracing::error!(
+                        restarts,
+                        window_ms = policy.window.as_millis() as u64,
+                        dropped_messages = dropped,
+                        "{what} passed its restart limit of {}: its slot is marked failed and stays empty; sends to it are reported UNAVAILABLE",
+                        policy.max_restarts
+                    );
+                    Ok(())
+                }
+            },
+        }
     }
 
     fn on_exit(&mut self, exit: Exit) {
@@ -263,14 +444,14 @@ impl Cluster<'_> {
         self.shared.with_router(|r, out| r.exited(slot, pid, out));
     }
 
-    /// Stops the apps, then the agent: a shutdown notice on each stream
-    /// (the SDKs exit when they have read it), then SIGTERM after the
-    /// shutdown timeout, then SIGKILL after another. A second signal kills
-    /// whatever is left at once.
+    /// Stops the apps, then the agent. Each phase: a shutdown notice on every
+    /// stream (the SDKs run their shutdown hooks and exit), then SIGTERM to
+    /// whoever is left after the shutdown timeout, then SIGKILL after
+    /// another. A second signal kills whatever is left at once.
     async fn stop(&mut self, signals: &mut Signals) {
         let grace = self.config.shutdown_timeout;
+        let grace_ms = u32::try_from(grace.as_millis()).unwrap_or(u32::MAX);
         for role in [Role::App, Role::Agent] {
-            let grace_ms = u32::try_from(grace.as_millis()).unwrap_or(u32::MAX);
             self.shared
                 .with_router(|r, out| r.shutdown(role, grace_ms, out));
             let phase: Vec<SlotId> = self
@@ -284,16 +465,16 @@ impl Cluster<'_> {
                 (grace, Some(Signal::SIGTERM)),
                 (Duration::from_secs(2), Some(Signal::SIGKILL)),
             ] {
-                let left: Vec<(SlotId, u32)> = phase
+                let left: Vec<u32> = phase
                     .iter()
-                    .filter_map(|s| self.live.get(s).map(|&p| (*s, p)))
+                    .filter_map(|s| self.live.get(s).copied())
                     .collect();
                 if left.is_empty() {
                     break;
                 }
                 if let Some(sig) = sig {
                     tracing::info!(count = left.len(), %sig, "signalling the remaining {role} processes");
-                    for (_, pid) in &left {
+                    for pid in &left {
                         supervisor::signal(*pid, sig);
                     }
                 }
@@ -398,9 +579,9 @@ fn write_addr_file(path: &PathBuf, addr: SocketAddr) -> Result<(), MasterError> 
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, format!("{addr}\n"))
         .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|source| MasterError::AddrFile {
+        .map_err(|reason| MasterError::AddrFile {
             path: path.clone(),
-            source,
+            reason,
         })
 }
 

@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
 use crate::mailbox::Bounds;
+use crate::restart::{OnLimit, Policy};
 use crate::router::Limits;
 
 /// Why the configuration cannot be used.
@@ -133,6 +134,7 @@ struct File {
     app: Option<ChildFile>,
     limits: Option<LimitsFile>,
     timeouts: Option<TimeoutsFile>,
+    restart: Option<RestartFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -159,6 +161,27 @@ struct TimeoutsFile {
     register_ms: Option<u64>,
     shutdown_ms: Option<u64>,
     flow_ms: Option<u64>,
+    agent_start_ms: Option<u64>,
+    app_start_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestartFile {
+    backoff_initial_ms: Option<u64>,
+    backoff_max_ms: Option<u64>,
+    stable_ms: Option<u64>,
+    max_restarts: Option<u32>,
+    window_ms: Option<u64>,
+    on_limit: Option<OnLimitFile>,
+    agent_backoff_initial_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum OnLimitFile {
+    Stop,
+    KeepRunning,
 }
 
 /// How to launch one kind of child.
@@ -197,6 +220,14 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// How long a sender waits on a congested receiver.
     pub flow_wait: Duration,
+    /// Spawn-to-ready deadline of the agent.
+    pub agent_start_timeout: Duration,
+    /// Spawn-to-ready deadline of each app worker.
+    pub app_start_timeout: Duration,
+    /// Restart rules for the agent.
+    pub agent_restart: Policy,
+    /// Restart rules for the app workers.
+    pub app_restart: Policy,
 }
 
 /// The CPU count, honouring cgroup quotas (Egg over-forks in containers).
@@ -280,6 +311,35 @@ impl Config {
             },
         };
         let t = file.timeouts.unwrap_or_default();
+        let r = file.restart.unwrap_or_default();
+        let d = Policy::default();
+        let dur = |key, v: Option<u64>, default: Duration| -> Result<Duration, ConfigError> {
+            positive(key, v.map(|v| v as usize), default.as_millis() as usize)
+                .map(|v| Duration::from_millis(v as u64))
+        };
+        let app_restart = Policy {
+            backoff_initial: dur(
+                "restart.backoff_initial_ms",
+                r.backoff_initial_ms,
+                d.backoff_initial,
+            )?,
+            backoff_max: dur("restart.backoff_max_ms", r.backoff_max_ms, d.backoff_max)?,
+            stable_after: dur("restart.stable_ms", r.stable_ms, d.stable_after)?,
+            max_restarts: r.max_restarts.unwrap_or(d.max_restarts),
+            window: dur("restart.window_ms", r.window_ms, d.window)?,
+            on_limit: match r.on_limit {
+                None | Some(OnLimitFile::Stop) => OnLimit::Stop,
+                Some(OnLimitFile::KeepRunning) => OnLimit::KeepRunning,
+            },
+        };
+        let agent_restart = Policy {
+            backoff_initial: dur(
+                "restart.agent_backoff_initial_ms",
+                r.agent_backoff_initial_ms,
+                app_restart.backoff_initial,
+            )?,
+            ..app_restart
+        };
         let ms = |key, v: Option<u64>, default: u64| {
             positive(key, v.map(|v| v as usize), default as usize)
                 .map(|v| Duration::from_millis(v as u64))
@@ -294,6 +354,10 @@ impl Config {
             register_timeout: ms("timeouts.register_ms", t.register_ms, 10_000)?,
             shutdown_timeout: ms("timeouts.shutdown_ms", t.shutdown_ms, 5_000)?,
             flow_wait: ms("timeouts.flow_ms", t.flow_ms, 2_000)?,
+            agent_start_timeout: ms("timeouts.agent_start_ms", t.agent_start_ms, 30_000)?,
+            app_start_timeout: ms("timeouts.app_start_ms", t.app_start_ms, 30_000)?,
+            agent_restart,
+            app_restart,
         })
     }
 }
@@ -424,6 +488,21 @@ mod tests {
             .expect_err("0 mailbox accepted")
             .to_string();
         assert!(err.contains("limits.mailbox_messages"), "{err}");
+    }
+
+    #[test]
+    fn restart_rules_are_read_and_the_agent_inherits_them() {
+        let c = parse("[restart]\nbackoff_initial_ms = 5\nmax_restarts = 2\non_limit = \"keep-running\"\n[timeouts]\napp_start_ms = 700")
+            .expect("valid config");
+        assert_eq!(c.app_restart.backoff_initial, Duration::from_millis(5));
+        assert_eq!(c.app_restart.max_restarts, 2);
+        assert_eq!(c.app_restart.on_limit, OnLimit::KeepRunning);
+        assert_eq!(c.agent_restart.backoff_initial, Duration::from_millis(5));
+        assert_eq!(c.app_start_timeout, Duration::from_millis(700));
+        let err = parse("[restart]\non_limit = \"explode\"")
+            .expect_err("bad policy accepted")
+            .to_string();
+        assert!(err.contains("explode") || err.contains("on_limit"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`router`]: the pure state machine: routing, the egg-ready barrier,
 //!   egg-pids, registration checks. No I/O;
 //! - [`hub`]: the edge between the gRPC streams and the router;
+//! - [`restart`]: when to restart a crashed child (backoff, intensity limit);
 //! - [`supervisor`]: child processes: launch, output relay, exit, signals;
 //! - [`cluster`]: the main loop tying listener, router and children together;
 //! - [`config`]: the TOML file and CLI flags;
@@ -17,7 +18,9 @@
 //! The wire protocol is the `clutch` crate's; this crate never names a
 //! generated proto type.
 
-#![forbid(unsafe_code)]
+// `deny`, not `forbid`: one function needs a syscall between fork and exec
+// (the parent-death signal, in `supervisor.rs`), and says why there.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod cluster;
@@ -25,5 +28,6 @@ pub mod config;
 pub mod demo;
 pub mod hub;
 pub mod mailbox;
+pub mod restart;
 pub mod router;
 pub mod supervisor;

@@ -193,6 +193,16 @@ impl Mailbox {
         lost
     }
 
+    /// Drops everything; returns how many messages were held.
+    pub fn clear(&mut self) -> usize {
+        let messages = self.messages;
+        self.queue.clear();
+        self.unacked.clear();
+        self.messages = 0;
+        self.bytes = 0;
+        messages
+    }
+
     /// Frames held (queued and unacked).
     pub fn len(&self) -> usize {
         self.queue.len() + self.unacked.len()

@@ -34,7 +34,11 @@ fn main() -> ExitCode {
             } else {
                 tracing::error!("{e}");
             }
-            ExitCode::FAILURE
+            // The documented exit codes: 3 for the restart limit, else 1.
+            let code = e
+                .downcast_ref::<master::cluster::MasterError>()
+                .map_or(1, |m| m.exit_code());
+            ExitCode::from(code)
         }
     }
 }

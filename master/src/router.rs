@@ -109,6 +109,9 @@ enum Phase {
     Detached { pid: u32, secret: String },
     /// The process exited.
     Exited { pid: u32 },
+    /// The slot passed its restart limit and stays empty; `pid` was its
+    /// last process.
+    Failed { pid: u32 },
 }
 
 impl Phase {
@@ -118,7 +121,8 @@ impl Phase {
             Phase::Spawned { pid, .. }
             | Phase::Attached { pid, .. }
             | Phase::Detached { pid, .. }
-            | Phase::Exited { pid } => Some(*pid),
+            | Phase::Exited { pid }
+            | Phase::Failed { pid } => Some(*pid),
         }
     }
 
@@ -407,7 +411,9 @@ impl Router {
                 out.push(Action::LaunchApps);
             }
             Role::Agent => {
-                // The agent came back: tell the apps, as Egg does.
+                // The agent came back: tell it who is up, and tell the apps,
+                // as Egg does.
+                self.tell_agent_app_pids(out);
                 let pid = self.slots[AGENT].phase.pid().unwrap_or(0);
                 let pids = self.agent_pids();
                 for app in 1..self.slots.len() {
@@ -472,6 +478,20 @@ impl Router {
                     _ => None,
                 };
                 for slot in targets {
+                    if let Phase::Failed { .. } = self.slots[slot].phase {
+                        let s = &self.slots[slot];
+                        result.undelivered.push(Undelivered {
+                            code: Code::Unavailable,
+                            message: format!(
+                                "{} has failed: it passed its restart limit and stays empty",
+                                s.name()
+                            ),
+                            pid: 0,
+                            worker_id: s.worker_id,
+                            role: Some(s.role),
+                        });
+                        continue;
+                    }
                     let attached = self.is_attached(slot);
                     let frame = Outbound::Message {
                         seq: 0,
@@ -571,7 +591,10 @@ impl Router {
             {
                 Some(slot)
                     if self.slots[slot].phase.pid() == Some(pid)
-                        && !matches!(self.slots[slot].phase, Phase::Exited { .. }) =>
+                        && !matches!(
+                            self.slots[slot].phase,
+                            Phase::Exited { .. } | Phase::Failed { .. }
+                        ) =>
                 {
                     vec![slot]
                 }
@@ -661,6 +684,19 @@ impl Router {
         });
     }
 
+    /// The slot passed its restart limit and stays empty: what it held is
+    /// dropped (and counted), and later sends to it are reported UNAVAILABLE.
+    /// Returns how many held messages were dropped.
+    pub fn fail(&mut self, slot: SlotId, out: &mut Vec<Action>) -> usize {
+        self.end_incarnation(slot, out);
+        let s = &mut self.slots[slot];
+        let pid = s.phase.pid().unwrap_or(0);
+        s.phase = Phase::Failed { pid };
+        let dropped = s.mailbox.clear();
+        s.dropped += dropped as u64;
+        dropped
+    }
+
     /// Begins shutdown for every child of `role`: refuse new registrations
     /// and queue the shutdown notice. Streams stay open, so in-flight work
     /// can still report; they end when the processes exit. Returns the pids
@@ -681,7 +717,7 @@ impl Router {
                 let _ = self.push(slot, Outbound::Shutdown { grace_ms }, None, out);
             }
             match self.slots[slot].phase {
-                Phase::Exited { .. } | Phase::Idle => {}
+                Phase::Exited { .. } | Phase::Failed { .. } | Phase::Idle => {}
                 ref p => pids.extend(p.pid().map(|pid| (slot, pid))),
             }
         }
@@ -1350,6 +1386,36 @@ mod tests {
             .contains(&Outbound::EggPids(Arc::from([pid(2)]))));
         f.router.exited(AGENT, pid(AGENT), &mut f.actions);
         assert!(f.frames(2).contains(&Outbound::EggPids(Arc::from([]))));
+    }
+
+    #[test]
+    fn a_restarted_agent_hears_the_app_pids_and_the_apps_hear_of_it() {
+        let mut f = Fixture::up(2);
+        f.router.exited(AGENT, pid(AGENT), &mut f.actions);
+        assert_eq!(f.frames(1), vec![Outbound::EggPids(Arc::from([]))]);
+        f.router.spawned(AGENT, 900, "again".into(), &mut f.actions);
+        f.register_with(AGENT, "again".into(), false);
+        f.ready(AGENT);
+        let agent = f.frames(AGENT);
+        assert!(
+            agent.contains(&Outbound::EggPids(Arc::from([pid(1), pid(2)]))),
+            "{agent:?}"
+        );
+        assert_eq!(
+            agent.iter().filter(|o| **o == Outbound::EggReady).count(),
+            1
+        );
+        assert_eq!(
+            f.frames(1),
+            vec![
+                Outbound::AgentStart { pid: 900 },
+                Outbound::EggPids(Arc::from([900]))
+            ]
+        );
+        assert!(
+            !f.actions.contains(&Action::LaunchApps),
+            "apps are launched once"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::fmt;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -129,6 +129,7 @@ pub fn spawn(
     if let Some(cwd) = &spec.cwd {
         cmd.current_dir(cwd);
     }
+    die_with_master(&mut cmd);
     let mut child = cmd.spawn().map_err(|source| SpawnError {
         what: what.to_owned(),
         command: spec.command.display().to_string(),
@@ -176,6 +177,36 @@ pub fn spawn(
     Ok(pid)
 }
 
+/// Asks the kernel to SIGKILL the child when the master dies, so that a
+/// child that does not use an SDK, or is stuck, still goes away when the
+/// master is killed with SIGKILL. (Grandchildren are not covered by this;
+/// they go with their process group when the master stops in order.)
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn die_with_master(cmd: &mut Command) {
+    let master = nix::unistd::getpid();
+    // SAFETY: `pre_exec` runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed. The closure makes exactly two
+    // syscalls, prctl(PR_SET_PDEATHSIG) and getppid, both async-signal-safe,
+    // and allocates nothing (the error path builds an io::Error from a raw
+    // errno code, which does not allocate).
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+                .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
+            // The master may have died between fork and prctl, in which case
+            // the signal will never come: refuse to start instead.
+            if nix::unistd::getppid() != master {
+                return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_master(_cmd: &mut Command) {}
+
 /// The one span per child process: its output, its stream and its exit
 /// all log under it.
 pub fn child_span(role: clutch::Role, worker_id: u32, pid: u32) -> tracing::Span {
@@ -190,7 +221,21 @@ pub fn child_span(role: clutch::Role, worker_id: u32, pid: u32) -> tracing::Span
 /// level; anything else is logged at info.
 async fn relay(stream: impl AsyncRead + Unpin, tail: Option<Arc<Mutex<VecDeque<String>>>>) {
     let mut lines = BufReader::new(stream).lines();
+    let mut budget = LineBudget::new(Instant::now());
     while let Ok(Some(line)) = lines.next_line().await {
+        match budget.take(Instant::now()) {
+            Take::Log => {}
+            Take::Resume { suppressed } => tracing::warn!(
+                suppressed,
+                "output flood: lines were dropped from the log (the stderr tail kept them)"
+            ),
+            Take::Suppress => {
+                remember(&tail, line);
+                // A flood must not starve the routing on this thread.
+                tokio::task::yield_now().await;
+                continue;
+            }
+        }
         let (level, text) = split_level(&line);
         match level {
             Level::Error => tracing::error!("{text}"),
@@ -199,13 +244,66 @@ async fn relay(stream: impl AsyncRead + Unpin, tail: Option<Arc<Mutex<VecDeque<S
             Level::Debug => tracing::debug!("{text}"),
             Level::Trace => tracing::trace!("{text}"),
         }
-        if let Some(tail) = &tail {
-            if let Ok(mut t) = tail.lock() {
-                if t.len() == STDERR_TAIL {
-                    t.pop_front();
-                }
-                t.push_back(line);
+        remember(&tail, line);
+    }
+}
+
+fn remember(tail: &Option<Arc<Mutex<VecDeque<String>>>>, line: String) {
+    if let Some(tail) = tail {
+        if let Ok(mut t) = tail.lock() {
+            if t.len() == STDERR_TAIL {
+                t.pop_front();
             }
+            t.push_back(line);
+        }
+    }
+}
+
+/// A child may log this many lines in a burst…
+const LINE_BURST: f64 = 2000.0;
+/// …and this many a second after that; the rest are counted and dropped
+/// from the log, so that one child's flood neither blocks nor slows the
+/// master's routing or the others' logs.
+const LINES_PER_SEC: f64 = 1000.0;
+
+/// A token bucket over log lines.
+struct LineBudget {
+    tokens: f64,
+    at: Instant,
+    suppressed: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Take {
+    Log,
+    /// Log, after saying how many lines were dropped.
+    Resume {
+        suppressed: u64,
+    },
+    Suppress,
+}
+
+impl LineBudget {
+    fn new(now: Instant) -> LineBudget {
+        LineBudget {
+            tokens: LINE_BURST,
+            at: now,
+            suppressed: 0,
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> Take {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * LINES_PER_SEC).min(LINE_BURST);
+        self.at = now;
+        if self.tokens < 1.0 {
+            self.suppressed += 1;
+            return Take::Suppress;
+        }
+        self.tokens -= 1.0;
+        match std::mem::take(&mut self.suppressed) {
+            0 => Take::Log,
+            suppressed => Take::Resume { suppressed },
         }
     }
 }
@@ -258,6 +356,18 @@ mod tests {
     fn endings_read_like_a_person_would_say_them() {
         assert_eq!(Ending::Code(3).to_string(), "exit code 3");
         assert_eq!(Ending::Signal(9).to_string(), "signal 9 (SIGKILL)");
+    }
+
+    #[test]
+    fn a_flood_is_cut_to_the_budget_and_the_cut_is_reported() {
+        let t = Instant::now();
+        let mut b = LineBudget::new(t);
+        let logged = (0..5000).filter(|_| b.take(t) == Take::Log).count();
+        assert_eq!(logged, LINE_BURST as usize);
+        assert_eq!(
+            b.take(t + Duration::from_millis(10)),
+            Take::Resume { suppressed: 3000 }
+        );
     }
 
     #[test]
