@@ -9,9 +9,22 @@
 //!
 //! - probe → test: a `hello` first, then one event per line: every message it
 //!   receives (`message`, `egg-ready`, `egg-pids`, `agent-start`), the outcome
-//!   of every send it was told to make (`sent`), and fire-and-forget failures
-//!   the master reported (`undelivered`);
-//! - test → probe: commands (`send`, `ready`, `exit`).
+//!   of every send it was told to make (`sent`), fire-and-forget failures
+//!   the master reported (`undelivered`), the end of a tick series
+//!   (`ticked`), the master's shutdown notice (`shutdown-notice`, from an
+//!   `on_shutdown` hook), `hanging` / `failing` when told to misbehave, and
+//!   `error` for a command it could not run;
+//! - test → probe: commands, one JSON object per line:
+//!   - `{"cmd":"ready"}`: call `ready()` (with `PROBE_MANUAL_READY`);
+//!   - `{"cmd":"send","id","route","pid","action","data","count","confirm","seq"}`:
+//!     `count` sends, each confirmed (one `sent` per send) or emitted (one
+//!     `sent` after all); `seq` wraps the i-th payload as `{"seq":i,"data":…}`;
+//!   - `{"cmd":"tick","id","route","pid","action","every_ms","count"}`: emits
+//!     `{"seq":i}` (i = 0, 1, …) every `every_ms` on its own task, so other
+//!     commands keep running meanwhile, until `count` ticks (no `count`: until
+//!     stopped); then reports `{"event":"ticked","id","count":<ticks emitted>}`;
+//!   - `{"cmd":"tick-stop","id"}`: stops that tick series (it reports `ticked`);
+//!   - `{"cmd":"exit","code"}`: exits at once, bypassing the command queue.
 //!
 //! Environment (besides the `CLUTCH_*` variables set by the master):
 //!
@@ -21,24 +34,38 @@
 //! | `PROBE_ACTIONS` | comma-separated actions to subscribe to |
 //! | `PROBE_MANUAL_READY` | `1`: call `ready()` only on the `ready` command |
 //! | `PROBE_FAIL_WORKER` / `PROBE_FAIL_CODE` | the worker id (0 = agent) that exits with this code before connecting |
+//! | `PROBE_FAIL_INCARNATIONS` | which incarnations of `PROBE_FAIL_WORKER` fail (see below); unset: every one |
+//! | `PROBE_FAIL_STAGE` | `start` (default): fail before connecting to the master; `registered`: register, say hello, report `failing`, then exit |
+//! | `PROBE_HANG_WORKER` | the worker id that registers and says hello but never calls `ready()` (reports `hanging`) |
+//! | `PROBE_HANG_INCARNATIONS` | which incarnations of `PROBE_HANG_WORKER` hang; unset: every one |
+//! | `PROBE_SYNC_REPORTS` | `1`: write every event to the control socket synchronously, inside the message handler (see below) |
+//! | `PROBE_SHUTDOWN_DELAY_MS` | how long the `on_shutdown` hook takes: `200` for every process, or `1=200,2=200` per worker id |
+//! | `PROBE_STAY_ON_DISCONNECT` | `1`: do not exit when the stream to the master breaks (a stuck child; only the kernel's parent-death signal or the controller ends it) |
+//!
+//! Incarnation sets (`*_INCARNATIONS`) are comma-separated items, each `N`
+//! (that one), `N-` (N and later) or `N-M` (N to M): e.g. `2`, `2-`, `1,3-4`.
+//!
+//! **Reporting.** By default events are queued to a writer thread that
+//! batches them, which is fast for floods of messages. The SDK acknowledges a
+//! message once its handler returns, so with queued reports a `kill -9` can
+//! lose the report of a message the master already counts as handled. With
+//! `PROBE_SYNC_REPORTS=1` the handler writes its event line to the socket
+//! (a blocking loopback write) before it returns: "acknowledged" then
+//! implies "reported to the test", which a zero-loss test needs.
 
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use anyhow::{bail, Context as _};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use clutch::{Client, Message, SendError, SendResult, Target};
-
-/// Events for the controller. Unbounded on purpose, and only because this is
-/// a test-only program: the SDK calls message handlers synchronously on its
-/// dispatcher task, where we may neither block (`blocking_send` would panic
-/// inside the runtime) nor drop events (a test counts every one of them).
-/// The controller reads continuously, so the queue stays short in practice.
-type Events = mpsc::UnboundedSender<Value>;
+use clutch::{Client, ConnectOptions, Message, Role, SendError, SendResult, Target};
 
 /// The SDK face this process was launched as. Both dereference to the shared
 /// [`Client`]; the agent keeps its own face for `send_random`.
@@ -68,9 +95,13 @@ fn main() {
         .init();
 
     // Fail before anything else, as a child that crashes during boot would.
-    if let Err(e) = fail_on_purpose() {
-        eprintln!("probe: {e:#}");
-        std::process::exit(2);
+    match fail_code(Stage::Start) {
+        Ok(None) => {}
+        Ok(Some(code)) => fail_now(Stage::Start, code),
+        Err(e) => {
+            eprintln!("probe: {e:#}");
+            std::process::exit(2);
+        }
     }
 
     // One thread is plenty: the probe only relays, and the machine running
@@ -91,163 +122,269 @@ fn main() {
     }
 }
 
-/// `PROBE_FAIL_WORKER` / `PROBE_FAIL_CODE`: exit with the given code when this
-/// process holds that slot. The stderr lines let a test check that the
-/// master's report includes the child's last words.
-fn fail_on_purpose() -> anyhow::Result<()> {
-    let Ok(fail_worker) = std::env::var("PROBE_FAIL_WORKER") else {
-        return Ok(());
+// ---- misbehaving on purpose ------------------------------------------------------
+
+/// When a failing probe fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Before connecting to the master.
+    Start,
+    /// After registering and saying hello, before `ready()`.
+    Registered,
+}
+
+/// A set of incarnations: `N`, `N-`, `N-M` items, comma-separated.
+fn in_incarnations(spec: &str, incarnation: u32) -> anyhow::Result<bool> {
+    for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let number = |s: &str| -> anyhow::Result<u32> {
+            s.trim()
+                .parse()
+                .with_context(|| format!("{item:?} is not N, N- or N-M"))
+        };
+        let hit = match item.split_once('-') {
+            None => incarnation == number(item)?,
+            Some((from, "")) => incarnation >= number(from)?,
+            Some((from, to)) => (number(from)?..=number(to)?).contains(&incarnation),
+        };
+        if hit {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn env_u32(name: &str) -> anyhow::Result<u32> {
+    std::env::var(name)
+        .with_context(|| format!("{name} is not set"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("{name} is not a number"))
+}
+
+/// True when `PROBE_<what>_WORKER` names this slot and
+/// `PROBE_<what>_INCARNATIONS` (unset: all) includes this incarnation.
+fn selected(what: &str) -> anyhow::Result<bool> {
+    let worker_var = format!("PROBE_{what}_WORKER");
+    let Ok(worker) = std::env::var(&worker_var) else {
+        return Ok(false);
     };
-    let fail_worker: u32 = fail_worker
+    let worker: u32 = worker
         .trim()
         .parse()
-        .with_context(|| format!("PROBE_FAIL_WORKER={fail_worker:?} is not a worker id"))?;
-    let me: u32 = std::env::var(clutch::env::WORKER_ID)
-        .context("CLUTCH_WORKER_ID is not set")?
-        .trim()
-        .parse()
-        .context("CLUTCH_WORKER_ID is not a number")?;
-    if me != fail_worker {
-        return Ok(());
+        .with_context(|| format!("{worker_var}={worker:?} is not a worker id"))?;
+    if env_u32(clutch::env::WORKER_ID)? != worker {
+        return Ok(false);
+    }
+    let incarnations_var = format!("PROBE_{what}_INCARNATIONS");
+    match std::env::var(&incarnations_var) {
+        Err(_) => Ok(true),
+        Ok(spec) => in_incarnations(&spec, env_u32(clutch::env::INCARNATION)?)
+            .with_context(|| format!("{incarnations_var}={spec:?}")),
+    }
+}
+
+/// `PROBE_FAIL_*`: the exit code, when this process is the one selected
+/// and `stage` is its stage.
+fn fail_code(stage: Stage) -> anyhow::Result<Option<i32>> {
+    let configured = match std::env::var("PROBE_FAIL_STAGE").as_deref().map(str::trim) {
+        Err(_) | Ok("") | Ok("start") => Stage::Start,
+        Ok("registered") => Stage::Registered,
+        Ok(other) => bail!("PROBE_FAIL_STAGE={other:?}: expected \"start\" or \"registered\""),
+    };
+    if configured != stage || !selected("FAIL")? {
+        return Ok(None);
     }
     let code: i32 = std::env::var("PROBE_FAIL_CODE")
         .context("PROBE_FAIL_WORKER is set but PROBE_FAIL_CODE is not")?
         .trim()
         .parse()
         .context("PROBE_FAIL_CODE is not an exit code")?;
-    eprintln!("probe: worker {me} was told to fail during startup");
+    Ok(Some(code))
+}
+
+/// Exits with `code`, saying why on stderr: the lines let a test check that
+/// the master's report includes the child's last words.
+fn fail_now(stage: Stage, code: i32) -> ! {
+    let me = std::env::var(clutch::env::WORKER_ID).unwrap_or_default();
+    let incarnation = std::env::var(clutch::env::INCARNATION).unwrap_or_default();
+    match stage {
+        Stage::Start => eprintln!("probe: worker {me} was told to fail during startup"),
+        Stage::Registered => eprintln!("probe: worker {me} was told to fail after registering"),
+    }
+    eprintln!("probe: worker {me} incarnation {incarnation} is failing on purpose");
     eprintln!("probe: failing on purpose with code {code}");
     std::process::exit(code);
 }
 
-async fn run() -> anyhow::Result<()> {
-    let control_addr = std::env::var("PROBE_CONTROL").context("PROBE_CONTROL is not set")?;
-    let role = std::env::var(clutch::env::ROLE).context("CLUTCH_ROLE is not set")?;
-    let face = match role.as_str() {
-        "agent" => Face::Agent(
-            agent_sdk::Agent::connect()
-                .await
-                .context("the agent could not register with the master")?,
-        ),
-        "app" => Face::App(
-            worker_sdk::Worker::connect()
-                .await
-                .context("the app worker could not register with the master")?,
-        ),
-        other => bail!("CLUTCH_ROLE={other:?}: expected \"agent\" or \"app\""),
+/// `PROBE_SHUTDOWN_DELAY_MS` for this worker: `ms`, or `id=ms,id=ms`.
+fn shutdown_delay(worker_id: u32) -> anyhow::Result<Duration> {
+    let Ok(spec) = std::env::var("PROBE_SHUTDOWN_DELAY_MS") else {
+        return Ok(Duration::ZERO);
     };
-    let client = face.client().clone();
-    let identity = client.identity();
-
-    // Subscribe before `ready()`: the SDK keeps messages that arrive before
-    // ready() until a handler for their action is registered, and handler
-    // registrations are applied before the next frame is read, so nothing
-    // the master sends (egg-pids at registration, held messages) is missed.
-    let (events, events_rx) = mpsc::unbounded_channel::<Value>();
-    let actions = std::env::var("PROBE_ACTIONS").unwrap_or_default();
-    for action in actions.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-        let events = events.clone();
-        client.on(action, move |m| report(&events, message_event(&m)));
+    let ms = |s: &str| -> anyhow::Result<u64> {
+        s.trim()
+            .parse()
+            .with_context(|| format!("PROBE_SHUTDOWN_DELAY_MS={spec:?}: {s:?} is not a number"))
+    };
+    if !spec.contains('=') {
+        return Ok(Duration::from_millis(ms(&spec)?));
     }
-    {
-        let events = events.clone();
-        client.on(agent_sdk::EGG_READY, move |_| {
-            report(&events, json!({ "event": "egg-ready" }))
-        });
-    }
-    {
-        let events = events.clone();
-        client.on(agent_sdk::EGG_PIDS, move |m| {
-            let pids = m.json::<Value>().unwrap_or_else(|e| json!(e.to_string()));
-            report(&events, json!({ "event": "egg-pids", "pids": pids }));
-        });
-    }
-    {
-        let events = events.clone();
-        client.on(agent_sdk::AGENT_START, move |_| {
-            report(&events, json!({ "event": "agent-start" }))
-        });
-    }
-    {
-        let events = events.clone();
-        client.on_undelivered(move |r| report(&events, undelivered_event(&r)));
-    }
-
-    // The side channel to the test. The writer sends `hello` before any
-    // queued event, so the controller can tag everything that follows.
-    let control = TcpStream::connect(&control_addr)
-        .await
-        .with_context(|| format!("cannot reach the test controller at {control_addr}"))?;
-    control.set_nodelay(true).ok();
-    let (control_read, control_write) = control.into_split();
-    let hello = json!({
-        "event": "hello",
-        "role": identity.role.as_str(),
-        "worker_id": identity.worker_id,
-        "pid": identity.pid,
-        "incarnation": identity.incarnation,
-        // Included so that a test can try to register with a used secret.
-        "secret": std::env::var(clutch::env::SECRET).unwrap_or_default(),
-    });
-    let writer = tokio::spawn(write_events(control_write, hello, events_rx));
-
-    let manual_ready = std::env::var("PROBE_MANUAL_READY").is_ok_and(|v| v.trim() == "1");
-    if !manual_ready {
-        client.ready().await.context("could not send ready")?;
-    }
-
-    // Commands run one after another on their own task, in the order the
-    // test sent them; only `exit` bypasses the queue so that it takes effect
-    // at once even while a long send is in progress.
-    let (commands, commands_rx) = mpsc::unbounded_channel::<Value>();
-    let executor = tokio::spawn(execute(face, commands_rx, events.clone()));
-
-    let mut lines = BufReader::new(control_read).lines();
-    loop {
-        let line = match lines.next_line().await {
-            Ok(Some(line)) => line,
-            Ok(None) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading from the test controller failed");
-                break;
-            }
-        };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let command: Value = match serde_json::from_str(&line) {
-            Ok(c) => c,
-            Err(e) => {
-                report(
-                    &events,
-                    json!({ "event": "error", "message": format!("bad command {line:?}: {e}") }),
-                );
-                continue;
-            }
-        };
-        if command["cmd"] == "exit" {
-            let code = command["code"].as_i64().unwrap_or(0);
-            tracing::info!(code, "exiting on the test's command");
-            std::process::exit(i32::try_from(code).unwrap_or(1));
-        }
-        if commands.send(command).is_err() {
-            bail!("the command executor stopped");
+    for item in spec.split(',').filter(|i| !i.trim().is_empty()) {
+        let (id, value) = item
+            .split_once('=')
+            .with_context(|| format!("PROBE_SHUTDOWN_DELAY_MS={spec:?}: {item:?} is not id=ms"))?;
+        if ms(id)? == u64::from(worker_id) {
+            return Ok(Duration::from_millis(ms(value)?));
         }
     }
-
-    // The controller is gone, which means the test that launched this
-    // cluster has ended (or crashed). A probe without a controller has no
-    // purpose; exiting keeps a crashed test run from leaving it behind.
-    tracing::info!("the test controller closed the connection; exiting");
-    executor.abort();
-    writer.abort();
-    std::process::exit(0);
+    Ok(Duration::ZERO)
 }
 
-/// Queues an event for the controller. A failure means the writer stopped
-/// because the controller is gone; the reader notices that too and exits.
-fn report(events: &Events, event: Value) {
-    let _ = events.send(event);
+fn flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v.trim() == "1")
+}
+
+// ---- reporting to the test --------------------------------------------------------
+
+/// Where events go. Cheap to clone; see the module docs for the two modes.
+#[derive(Clone)]
+struct Reporter(Arc<Mode>);
+
+enum Mode {
+    /// Events are queued to a writer thread that batches them.
+    Queued {
+        tx: std::sync::mpsc::Sender<Out>,
+        /// Taken by `attach`, which starts the writer thread.
+        rx: Mutex<Option<std::sync::mpsc::Receiver<Out>>>,
+    },
+    /// Events are written by the caller, under the lock.
+    Sync(Mutex<SyncState>),
+}
+
+enum Out {
+    Event(Value),
+    /// Answered once everything queued before it is written.
+    Flush(oneshot::Sender<()>),
+}
+
+struct SyncState {
+    /// `None` until the control connection is up (and after a write error).
+    socket: Option<std::net::TcpStream>,
+    /// Events from before the control connection was up.
+    pending: Vec<Value>,
+}
+
+fn line(event: &Value) -> Vec<u8> {
+    let mut line = serde_json::to_vec(event).unwrap_or_else(|e| {
+        format!("{{\"event\":\"error\",\"message\":\"cannot encode an event: {e}\"}}").into_bytes()
+    });
+    line.push(b'\n');
+    line
+}
+
+impl Reporter {
+    fn new(sync: bool) -> Reporter {
+        let mode = if sync {
+            Mode::Sync(Mutex::new(SyncState {
+                socket: None,
+                pending: Vec::new(),
+            }))
+        } else {
+            let (tx, rx) = std::sync::mpsc::channel();
+            Mode::Queued {
+                tx,
+                rx: Mutex::new(Some(rx)),
+            }
+        };
+        Reporter(Arc::new(mode))
+    }
+
+    /// Reports an event. A failure means the controller is gone; the
+    /// control reader notices that too and exits.
+    fn report(&self, event: Value) {
+        match &*self.0 {
+            Mode::Queued { tx, .. } => {
+                let _ = tx.send(Out::Event(event));
+            }
+            Mode::Sync(state) => {
+                let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                match &mut state.socket {
+                    Some(socket) => {
+                        if socket.write_all(&line(&event)).is_err() {
+                            state.socket = None;
+                        }
+                    }
+                    None => state.pending.push(event),
+                }
+            }
+        }
+    }
+
+    /// Starts writing to the controller: `hello` first, then what was
+    /// reported before, then everything else in order.
+    fn attach(&self, socket: std::net::TcpStream, hello: Value) {
+        match &*self.0 {
+            Mode::Queued { rx, .. } => {
+                let Some(rx) = rx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+                    return;
+                };
+                std::thread::spawn(move || write_events(socket, hello, rx));
+            }
+            Mode::Sync(state) => {
+                let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                let mut out = line(&hello);
+                for event in std::mem::take(&mut state.pending) {
+                    out.extend_from_slice(&line(&event));
+                }
+                let mut socket = socket;
+                if socket.write_all(&out).is_ok() {
+                    state.socket = Some(socket);
+                }
+            }
+        }
+    }
+
+    /// Waits until everything reported so far has been written (before the
+    /// process exits on its own).
+    async fn flush(&self) {
+        if let Mode::Queued { tx, .. } = &*self.0 {
+            let (done, wait) = oneshot::channel();
+            if tx.send(Out::Flush(done)).is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
+            }
+        }
+    }
+}
+
+/// The writer thread of the queued mode: events leave in the order they
+/// were queued. Flushes only when the queue is momentarily empty, so a burst
+/// of ten thousand messages becomes a few large writes.
+fn write_events(socket: std::net::TcpStream, hello: Value, events: std::sync::mpsc::Receiver<Out>) {
+    let mut out = BufWriter::new(socket);
+    if out.write_all(&line(&hello)).is_err() || out.flush().is_err() {
+        return;
+    }
+    let mut flushed = Vec::new();
+    while let Ok(first) = events.recv() {
+        let mut next = Some(first);
+        while let Some(item) = next {
+            match item {
+                Out::Event(event) => {
+                    if out.write_all(&line(&event)).is_err() {
+                        return;
+                    }
+                }
+                Out::Flush(done) => flushed.push(done),
+            }
+            next = events.try_recv().ok();
+        }
+        if out.flush().is_err() {
+            return;
+        }
+        for done in flushed.drain(..) {
+            let _ = done.send(());
+        }
+    }
 }
 
 fn message_event(m: &Message) -> Value {
@@ -269,6 +406,21 @@ fn message_event(m: &Message) -> Value {
     })
 }
 
+fn failures_json(undelivered: &[clutch::Undelivered]) -> Value {
+    undelivered
+        .iter()
+        .map(|u| {
+            json!({
+                "code": format!("{:?}", u.code),
+                "message": u.message,
+                "pid": u.pid,
+                "worker_id": u.worker_id,
+                "role": u.role.map(Role::as_str),
+            })
+        })
+        .collect()
+}
+
 fn undelivered_event(r: &SendResult) -> Value {
     let codes: Vec<String> = r
         .undelivered
@@ -282,74 +434,225 @@ fn undelivered_event(r: &SendResult) -> Value {
         "action": &*r.action,
         "codes": codes,
         "messages": messages,
+        "failures": failures_json(&r.undelivered),
         "delivered": r.delivered,
         "held": r.held,
     })
 }
 
-/// The single writer of the control socket: events leave in the order they
-/// were queued. Flushes only when the queue is momentarily empty, so a burst
-/// of ten thousand messages becomes a few large writes.
-async fn write_events(
-    control: OwnedWriteHalf,
-    hello: Value,
-    mut events: mpsc::UnboundedReceiver<Value>,
-) -> anyhow::Result<()> {
-    let mut out = BufWriter::new(control);
-    write_line(&mut out, &hello).await?;
-    out.flush().await?;
-    while let Some(event) = events.recv().await {
-        write_line(&mut out, &event).await?;
-        while let Ok(event) = events.try_recv() {
-            write_line(&mut out, &event).await?;
+// ---- the probe ------------------------------------------------------------------
+
+async fn run() -> anyhow::Result<()> {
+    let control_addr = std::env::var("PROBE_CONTROL").context("PROBE_CONTROL is not set")?;
+    let role = std::env::var(clutch::env::ROLE).context("CLUTCH_ROLE is not set")?;
+    let stay = flag("PROBE_STAY_ON_DISCONNECT");
+    let options = |role: Role| -> anyhow::Result<ConnectOptions> {
+        let mut options = ConnectOptions::from_env(role)?;
+        if stay {
+            options.exit_on_disconnect = false;
         }
-        out.flush().await?;
+        Ok(options)
+    };
+    let face = match role.as_str() {
+        "agent" => Face::Agent(
+            agent_sdk::Agent::connect_with(options(Role::Agent)?)
+                .await
+                .context("the agent could not register with the master")?,
+        ),
+        "app" => Face::App(
+            worker_sdk::Worker::connect_with(options(Role::App)?)
+                .await
+                .context("the app worker could not register with the master")?,
+        ),
+        other => bail!("CLUTCH_ROLE={other:?}: expected \"agent\" or \"app\""),
+    };
+    let client = face.client().clone();
+    let identity = client.identity();
+
+    // Subscribe before `ready()`: the SDK keeps messages that arrive before
+    // ready() until a handler for their action is registered, and handler
+    // registrations are applied before the next frame is read, so nothing
+    // the master sends (egg-pids at registration, held messages) is missed.
+    let reporter = Reporter::new(flag("PROBE_SYNC_REPORTS"));
+    let actions = std::env::var("PROBE_ACTIONS").unwrap_or_default();
+    for action in actions.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let reporter = reporter.clone();
+        client.on(action, move |m| reporter.report(message_event(&m)));
     }
+    {
+        let reporter = reporter.clone();
+        client.on(agent_sdk::EGG_READY, move |_| {
+            reporter.report(json!({ "event": "egg-ready" }))
+        });
+    }
+    {
+        let reporter = reporter.clone();
+        client.on(agent_sdk::EGG_PIDS, move |m| {
+            let pids = m.json::<Value>().unwrap_or_else(|e| json!(e.to_string()));
+            reporter.report(json!({ "event": "egg-pids", "pids": pids }));
+        });
+    }
+    {
+        let reporter = reporter.clone();
+        client.on(agent_sdk::AGENT_START, move |_| {
+            reporter.report(json!({ "event": "agent-start" }))
+        });
+    }
+    {
+        let reporter = reporter.clone();
+        client.on_undelivered(move |r| reporter.report(undelivered_event(&r)));
+    }
+    {
+        // The SDK runs this hook on the master's shutdown notice and exits
+        // 0 after it; `shutdown_notice()` resolves at once by then.
+        let reporter = reporter.clone();
+        let notice = client.clone();
+        let delay = shutdown_delay(identity.worker_id)?;
+        client.on_shutdown(move || async move {
+            let grace = notice.shutdown_notice().await;
+            reporter.report(json!({
+                "event": "shutdown-notice",
+                "grace_ms": grace.map(|g| u64::try_from(g.as_millis()).unwrap_or(u64::MAX)),
+                "delay_ms": u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            }));
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            reporter.flush().await;
+        });
+    }
+
+    // The side channel to the test: `hello` goes out before any event, so
+    // the controller can tag everything that follows. A blocking socket:
+    // written under a lock or by the writer thread, read by its own thread.
+    let control = std::net::TcpStream::connect(&control_addr)
+        .with_context(|| format!("cannot reach the test controller at {control_addr}"))?;
+    control.set_nodelay(true).ok();
+    let control_read = control
+        .try_clone()
+        .context("cannot clone the control socket")?;
+    let hello = json!({
+        "event": "hello",
+        "role": identity.role.as_str(),
+        "worker_id": identity.worker_id,
+        "pid": identity.pid,
+        "incarnation": identity.incarnation,
+        // Included so that a test can try to register with a used secret.
+        "secret": std::env::var(clutch::env::SECRET).unwrap_or_default(),
+    });
+    reporter.attach(control, hello);
+
+    // Commands run one after another on their own task, in the order the
+    // test sent them; only `exit` bypasses the queue (the reader thread
+    // handles it) so that it takes effect at once even during a long send.
+    let (commands, commands_rx) = mpsc::unbounded_channel::<Value>();
+    {
+        let reporter = reporter.clone();
+        std::thread::spawn(move || read_commands(control_read, commands, reporter));
+    }
+
+    if let Some(code) = fail_code(Stage::Registered)? {
+        reporter.report(json!({ "event": "failing", "code": code }));
+        reporter.flush().await;
+        fail_now(Stage::Registered, code);
+    }
+
+    let manual_ready = flag("PROBE_MANUAL_READY");
+    if selected("HANG")? {
+        tracing::info!("told to hang: never calling ready()");
+        reporter.report(json!({ "event": "hanging" }));
+    } else if !manual_ready {
+        client.ready().await.context("could not send ready")?;
+    }
+
+    execute(face, commands_rx, reporter).await;
+    // The reader thread exits the process when the controller goes away;
+    // until then there is nothing else to do.
+    std::future::pending::<()>().await;
     Ok(())
 }
 
-async fn write_line(out: &mut BufWriter<OwnedWriteHalf>, event: &Value) -> anyhow::Result<()> {
-    let mut line = serde_json::to_vec(event).context("cannot encode an event")?;
-    line.push(b'\n');
-    out.write_all(&line)
-        .await
-        .context("cannot write to the test controller")
+/// The control reader thread: commands to the executor, `exit` at once.
+fn read_commands(
+    control: std::net::TcpStream,
+    commands: mpsc::UnboundedSender<Value>,
+    reporter: Reporter,
+) {
+    for line in BufReader::new(control).lines() {
+        let line = match line {
+            Ok(line) => line,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading from the test controller failed");
+                break;
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let command: Value = match serde_json::from_str(&line) {
+            Ok(c) => c,
+            Err(e) => {
+                reporter.report(
+                    json!({ "event": "error", "message": format!("bad command {line:?}: {e}") }),
+                );
+                continue;
+            }
+        };
+        if command["cmd"] == "exit" {
+            let code = command["code"].as_i64().unwrap_or(0);
+            tracing::info!(code, "exiting on the test's command");
+            std::process::exit(i32::try_from(code).unwrap_or(1));
+        }
+        if commands.send(command).is_err() {
+            break;
+        }
+    }
+    // The controller is gone, which means the test that launched this
+    // cluster has ended (or crashed). A probe without a controller has no
+    // purpose; exiting keeps a crashed test run from leaving it behind.
+    tracing::info!("the test controller closed the connection; exiting");
+    std::process::exit(0);
 }
 
 /// Runs the test's commands in order.
-async fn execute(face: Face, mut commands: mpsc::UnboundedReceiver<Value>, events: Events) {
+async fn execute(face: Face, mut commands: mpsc::UnboundedReceiver<Value>, reporter: Reporter) {
+    let face = Arc::new(face);
+    let mut ticks: HashMap<String, Arc<AtomicBool>> = HashMap::new();
     while let Some(command) = commands.recv().await {
         let outcome = match command["cmd"].as_str() {
             Some("ready") => face
                 .client()
                 .ready()
                 .await
-                .map(|()| report(&events, json!({ "event": "ready-sent" })))
+                .map(|()| reporter.report(json!({ "event": "ready-sent" })))
                 .map_err(anyhow::Error::from),
-            Some("send") => send(&face, &command, &events).await,
+            Some("send") => send(&face, &command, &reporter).await,
+            Some("tick") => start_ticks(&face, &command, &reporter, &mut ticks),
+            Some("tick-stop") => match ticks.get(&command["id"].to_string()) {
+                Some(stop) => {
+                    stop.store(true, Ordering::SeqCst);
+                    Ok(())
+                }
+                None => Err(anyhow::anyhow!(
+                    "tick-stop: no tick series {}",
+                    command["id"]
+                )),
+            },
             other => Err(anyhow::anyhow!("unknown command {other:?}")),
         };
         if let Err(e) = outcome {
-            report(
-                &events,
+            reporter.report(
                 json!({ "event": "error", "command": command, "message": format!("{e:#}") }),
             );
         }
     }
 }
 
-/// The `send` command: `count` sends of `action` along `route`, each either
-/// confirmed by the master (`confirm`, one `sent` event per send) or emitted
-/// (one `sent` event after all of them).
-async fn send(face: &Face, command: &Value, events: &Events) -> anyhow::Result<()> {
-    let id = command["id"].clone();
-    let action = command["action"]
-        .as_str()
-        .context("send: \"action\" must be a string")?;
+fn target(command: &Value) -> anyhow::Result<Target> {
     let route = command["route"]
         .as_str()
-        .context("send: \"route\" must be a string")?;
-    let target = match route {
+        .context("\"route\" must be a string")?;
+    Ok(match route {
         "broadcast" => Target::Broadcast,
         "apps" => Target::Apps,
         "agent" => Target::Agent,
@@ -358,11 +661,22 @@ async fn send(face: &Face, command: &Value, events: &Events) -> anyhow::Result<(
             let pid = command["pid"]
                 .as_u64()
                 .and_then(|p| u32::try_from(p).ok())
-                .context("send: route \"pid\" needs a u32 \"pid\"")?;
+                .context("route \"pid\" needs a u32 \"pid\"")?;
             Target::Pid(pid)
         }
-        other => bail!("send: unknown route {other:?}"),
-    };
+        other => bail!("unknown route {other:?}"),
+    })
+}
+
+/// The `send` command: `count` sends of `action` along `route`, each either
+/// confirmed by the master (`confirm`, one `sent` event per send) or emitted
+/// (one `sent` event after all of them).
+async fn send(face: &Face, command: &Value, reporter: &Reporter) -> anyhow::Result<()> {
+    let id = command["id"].clone();
+    let action = command["action"]
+        .as_str()
+        .context("send: \"action\" must be a string")?;
+    let target = target(command).context("send")?;
     let count = command["count"].as_u64().unwrap_or(1);
     let confirm = command["confirm"].as_bool().unwrap_or(true);
     let seq = command["seq"].as_bool().unwrap_or(false);
@@ -389,36 +703,93 @@ async fn send(face: &Face, command: &Value, events: &Events) -> anyhow::Result<(
                     "delivered": receipt.delivered,
                     "held": receipt.held,
                 }),
-                Err(e) => json!({
-                    "event": "sent",
-                    "id": id,
-                    "ok": false,
-                    "code": error_code(&e),
-                    "message": e.to_string(),
-                }),
+                Err(e) => {
+                    let mut event = json!({
+                        "event": "sent",
+                        "id": id,
+                        "ok": false,
+                        "code": error_code(&e),
+                        "message": e.to_string(),
+                    });
+                    if let SendError::Undelivered {
+                        delivered,
+                        held,
+                        failures,
+                        ..
+                    } = &e
+                    {
+                        event["delivered"] = json!(delivered);
+                        event["held"] = json!(held);
+                        event["failures"] = failures_json(failures);
+                    }
+                    event
+                }
             };
-            report(events, event);
+            reporter.report(event);
         } else if let Err(e) = client.emit(target, action, &payload).await {
-            report(
-                events,
-                json!({
-                    "event": "sent",
-                    "id": id,
-                    "ok": false,
-                    "code": error_code(&e),
-                    "message": e.to_string(),
-                    "count": i,
-                }),
-            );
+            reporter.report(json!({
+                "event": "sent",
+                "id": id,
+                "ok": false,
+                "code": error_code(&e),
+                "message": e.to_string(),
+                "count": i,
+            }));
             return Ok(());
         }
     }
     if !confirm {
-        report(
-            events,
-            json!({ "event": "sent", "id": id, "ok": true, "count": count }),
-        );
+        reporter.report(json!({ "event": "sent", "id": id, "ok": true, "count": count }));
     }
+    Ok(())
+}
+
+/// The `tick` command: a series of emits on its own task.
+fn start_ticks(
+    face: &Arc<Face>,
+    command: &Value,
+    reporter: &Reporter,
+    ticks: &mut HashMap<String, Arc<AtomicBool>>,
+) -> anyhow::Result<()> {
+    let id = command["id"].clone();
+    let action = command["action"]
+        .as_str()
+        .context("tick: \"action\" must be a string")?
+        .to_owned();
+    let target = target(command).context("tick")?;
+    let every = Duration::from_millis(command["every_ms"].as_u64().unwrap_or(5).max(1));
+    let count = command["count"].as_u64();
+    let stop = Arc::new(AtomicBool::new(false));
+    if ticks.insert(id.to_string(), stop.clone()).is_some() {
+        bail!("tick: a tick series {id} already exists");
+    }
+    let face = face.clone();
+    let reporter = reporter.clone();
+    tokio::spawn(async move {
+        let client = face.client();
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sent: u64 = 0;
+        let mut error = None;
+        while count.is_none_or(|c| sent < c) {
+            interval.tick().await;
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            if let Err(e) = client.emit(target, &action, &json!({ "seq": sent })).await {
+                error = Some(e);
+                break;
+            }
+            sent += 1;
+        }
+        let mut event =
+            json!({ "event": "ticked", "id": id, "ok": error.is_none(), "count": sent });
+        if let Some(e) = error {
+            event["code"] = json!(error_code(&e));
+            event["message"] = json!(e.to_string());
+        }
+        reporter.report(event);
+    });
     Ok(())
 }
 

@@ -109,6 +109,13 @@ impl Options {
         self.extra_toml.push('\n');
         self
     }
+
+    /// Probes write each event to the controller before their handler
+    /// returns (`PROBE_SYNC_REPORTS=1`), so a message the SDK acknowledged
+    /// was reported even if the probe is killed right after.
+    pub fn sync_reports(self) -> Options {
+        self.env("PROBE_SYNC_REPORTS", "1")
+    }
 }
 
 /// One line a probe sent, tagged with the probe's `hello`.
@@ -260,13 +267,7 @@ impl SendCmd {
     }
 
     fn to_json(&self, id: u64) -> Value {
-        let (route, pid) = match self.route {
-            Route::Broadcast => ("broadcast", 0),
-            Route::Apps => ("apps", 0),
-            Route::Agent => ("agent", 0),
-            Route::Random => ("random", 0),
-            Route::Pid(pid) => ("pid", pid),
-        };
+        let (route, pid) = route_json(self.route);
         json!({
             "cmd": "send",
             "id": id,
@@ -294,6 +295,8 @@ struct Output {
     stderr: Mutex<String>,
     /// How many of the two pipes reached end of file.
     closed: watch::Sender<u32>,
+    /// How many lines were read from both pipes (to wait for a log line).
+    lines: watch::Sender<u64>,
 }
 
 /// A running master with its probes, and the test's view of them.
@@ -308,6 +311,8 @@ pub struct Cluster {
     events: mpsc::UnboundedReceiver<Event>,
     history: Vec<Event>,
     probes: Arc<Mutex<HashMap<u32, Probe>>>,
+    /// Every probe that said hello, by pid (all incarnations).
+    by_pid: Arc<Mutex<HashMap<u32, Probe>>>,
     accept: JoinHandle<()>,
     next_id: u64,
     /// A wait already panicked with the full report; Drop need not repeat it.
@@ -363,6 +368,7 @@ impl Cluster {
             stdout: Mutex::new(String::new()),
             stderr: Mutex::new(String::new()),
             closed: watch::Sender::new(0),
+            lines: watch::Sender::new(0),
         });
         let stdout = child.stdout.take().expect("master stdout is piped");
         let stderr = child.stderr.take().expect("master stderr is piped");
@@ -386,7 +392,13 @@ impl Cluster {
 
         let (events_tx, events) = mpsc::unbounded_channel();
         let probes = Arc::new(Mutex::new(HashMap::new()));
-        let accept = tokio::spawn(accept_probes(listener, events_tx, probes.clone()));
+        let by_pid = Arc::new(Mutex::new(HashMap::new()));
+        let accept = tokio::spawn(accept_probes(
+            listener,
+            events_tx,
+            probes.clone(),
+            by_pid.clone(),
+        ));
 
         Cluster {
             dir,
@@ -398,6 +410,7 @@ impl Cluster {
             events,
             history: Vec::new(),
             probes,
+            by_pid,
             accept,
             next_id: 1,
             reported: false,
@@ -776,6 +789,230 @@ impl Cluster {
     }
 }
 
+/// A `tick` command: a numbered series of emits (`{"seq": i}`), one every
+/// `every_ms`, running on its own task in the probe until `count` ticks or
+/// [`Cluster::tick_stop`]; the probe reports `ticked` with the count at the end.
+#[derive(Clone, Debug)]
+pub struct TickCmd {
+    route: Route,
+    action: String,
+    every_ms: u64,
+    count: Option<u64>,
+}
+
+impl TickCmd {
+    /// Ticks along `route` with `action` every 5 ms until stopped.
+    pub fn new(route: Route, action: &str) -> TickCmd {
+        TickCmd {
+            route,
+            action: action.to_owned(),
+            every_ms: 5,
+            count: None,
+        }
+    }
+
+    /// The period.
+    pub fn every_ms(mut self, every_ms: u64) -> TickCmd {
+        self.every_ms = every_ms;
+        self
+    }
+
+    /// Stop by itself after `count` ticks.
+    pub fn count(mut self, count: u64) -> TickCmd {
+        self.count = Some(count);
+        self
+    }
+
+    fn to_json(&self, id: u64) -> Value {
+        let (route, pid) = route_json(self.route);
+        json!({
+            "cmd": "tick",
+            "id": id,
+            "route": route,
+            "pid": pid,
+            "action": self.action,
+            "every_ms": self.every_ms,
+            "count": self.count,
+        })
+    }
+}
+
+fn route_json(route: Route) -> (&'static str, u32) {
+    match route {
+        Route::Broadcast => ("broadcast", 0),
+        Route::Apps => ("apps", 0),
+        Route::Agent => ("agent", 0),
+        Route::Random => ("random", 0),
+        Route::Pid(pid) => ("pid", pid),
+    }
+}
+
+/// Helpers for restarts, process deaths, ticks and the master's log.
+///
+/// Slots keep their worker id across restarts, so a process is told apart
+/// by its pid: events carry the pid from their probe's `hello`, and
+/// [`Cluster::probe`] / [`Cluster::command`] address the newest process of
+/// a slot, while the `_pid` variants address one process.
+impl Cluster {
+    /// The probe of this slot's `incarnation`, once it said hello.
+    pub async fn probe_incarnation(&mut self, worker: u32, incarnation: u32) -> Probe {
+        let hello = self
+            .wait_for(
+                &format!("hello from incarnation {incarnation} of worker {worker}"),
+                |e| {
+                    e.worker_id == worker
+                        && e.kind() == "hello"
+                        && e.body["incarnation"] == incarnation
+                },
+            )
+            .await;
+        self.probe_by_pid(hello.pid).await
+    }
+
+    /// The probe with this pid, once it said hello.
+    pub async fn probe_by_pid(&mut self, pid: u32) -> Probe {
+        self.wait_for(&format!("hello from pid {pid}"), |e| {
+            e.pid == pid && e.kind() == "hello"
+        })
+        .await;
+        self.by_pid
+            .lock()
+            .expect("probes lock")
+            .get(&pid)
+            .cloned()
+            .expect("a probe that said hello is registered")
+    }
+
+    /// Sends a raw command line to the probe with this pid.
+    pub async fn command_pid(&mut self, pid: u32, command: Value) {
+        let probe = self.probe_by_pid(pid).await;
+        if probe.commands.send(command.to_string()).is_err() {
+            self.fail(&format!("the controller connection of pid {pid} is closed"));
+        }
+    }
+
+    /// Sends a signal to a process of this cluster (e.g. SIGKILL a child).
+    pub fn kill_pid(&mut self, target: u32, signal: Signal) {
+        if let Err(e) = kill(pid(target), signal) {
+            self.fail(&format!("cannot send {signal} to pid {target}: {e}"));
+        }
+    }
+
+    /// Events of this kind reported by the process with this pid.
+    pub fn events_of_pid(&self, pid: u32, kind: &str) -> Vec<&Event> {
+        self.history
+            .iter()
+            .filter(|e| e.pid == pid && e.kind() == kind)
+            .collect()
+    }
+
+    /// Messages with this action received by the process with this pid.
+    pub fn messages_of_pid(&self, pid: u32, action: &str) -> Vec<&Event> {
+        self.history
+            .iter()
+            .filter(|e| e.pid == pid && e.is_message(action))
+            .collect()
+    }
+
+    /// Waits until the control connection of this process closed: it has
+    /// exited (or stopped talking), and every event it wrote is in the
+    /// history.
+    pub async fn wait_closed(&mut self, pid: u32) {
+        self.wait_for(
+            &format!("the control connection of pid {pid} to close"),
+            |e| e.pid == pid && e.kind() == "control-closed",
+        )
+        .await;
+    }
+
+    /// Like [`Cluster::barrier`], but waits only at `at` (e.g. when a slot is
+    /// known to be empty) and accepts a send report with failures. Returns
+    /// the marker's send report.
+    pub async fn barrier_among(&mut self, from: u32, at: &[u32]) -> Value {
+        let token = format!("barrier-{}-{}", from, self.next_id);
+        let cmd = SendCmd::new(Route::Broadcast, BARRIER).data(json!(token));
+        let id = self.send(from, &cmd).await;
+        let report = self.sent(from, id, 1).await.remove(0);
+        let at = at.to_vec();
+        let reached = |h: &[Event]| {
+            at.iter().all(|&w| {
+                h.iter()
+                    .any(|e| e.worker_id == w && e.is_message(BARRIER) && e.data() == &json!(token))
+            })
+        };
+        self.wait_until(
+            &format!("barrier {token} (send report {report}) at workers {at:?}"),
+            reached,
+        )
+        .await;
+        report
+    }
+
+    /// Starts a tick series in a probe; returns its id.
+    pub async fn tick(&mut self, from: u32, cmd: &TickCmd) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.command(from, cmd.to_json(id)).await;
+        id
+    }
+
+    /// Stops a tick series started with [`Cluster::tick`] and returns its
+    /// `ticked` report (how many ticks were emitted: seqs `0..count`).
+    pub async fn tick_stop(&mut self, from: u32, id: u64) -> Value {
+        self.command(from, json!({ "cmd": "tick-stop", "id": id }))
+            .await;
+        self.ticked(from, id).await
+    }
+
+    /// Waits for the `ticked` report of a tick series.
+    pub async fn ticked(&mut self, from: u32, id: u64) -> Value {
+        let report = self
+            .wait_for(
+                &format!("the end of tick series #{id} at worker {from}"),
+                |e| e.worker_id == from && e.kind() == "ticked" && e.body["id"] == id,
+            )
+            .await;
+        if report.body["ok"] != true {
+            self.fail(&format!("tick series #{id} failed: {report}"));
+        }
+        report.body
+    }
+
+    /// Waits until the master's stderr satisfies `pred` (e.g. a log line
+    /// appeared).
+    pub async fn wait_master_log(&mut self, what: &str, pred: impl Fn(&str) -> bool) {
+        let mut lines = self.output.lines.subscribe();
+        let mut closed = self.output.closed.subscribe();
+        let until = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            lines.borrow_and_update();
+            // Both pipes closed: every line is in the buffer, none will come.
+            let ended = *closed.borrow_and_update() == 2;
+            if pred(&self.master_stderr()) {
+                return;
+            }
+            if ended {
+                self.fail(&format!(
+                    "the master's output ended without {what} (exit: {:?})",
+                    self.exit_status()
+                ));
+            }
+            let more = async {
+                tokio::select! {
+                    _ = lines.changed() => {}
+                    _ = closed.changed() => {}
+                }
+            };
+            match tokio::time::timeout_at(until, more).await {
+                Ok(()) => {}
+                Err(_) => self.fail(&format!(
+                    "timed out after {DEADLINE:?} waiting for {what} in the master's log"
+                )),
+            }
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         // CLUTCH_E2E_DUMP=1 prints every cluster's report, also on success
@@ -873,11 +1110,14 @@ fn drain(pipe: impl Read + Send + 'static, output: Arc<Output>, is_stderr: bool)
                     } else {
                         &output.stdout
                     };
-                    let mut buffer = buffer.lock().unwrap_or_else(|p| p.into_inner());
-                    buffer.push_str(&text);
-                    if !text.ends_with('\n') {
-                        buffer.push('\n');
+                    {
+                        let mut buffer = buffer.lock().unwrap_or_else(|p| p.into_inner());
+                        buffer.push_str(&text);
+                        if !text.ends_with('\n') {
+                            buffer.push('\n');
+                        }
                     }
+                    output.lines.send_modify(|n| *n += 1);
                 }
             }
         }
@@ -929,9 +1169,15 @@ async fn accept_probes(
     listener: TcpListener,
     events: mpsc::UnboundedSender<Event>,
     probes: Arc<Mutex<HashMap<u32, Probe>>>,
+    by_pid: Arc<Mutex<HashMap<u32, Probe>>>,
 ) {
     while let Ok((socket, _)) = listener.accept().await {
-        tokio::spawn(serve_probe(socket, events.clone(), probes.clone()));
+        tokio::spawn(serve_probe(
+            socket,
+            events.clone(),
+            probes.clone(),
+            by_pid.clone(),
+        ));
     }
 }
 
@@ -940,6 +1186,7 @@ async fn serve_probe(
     socket: TcpStream,
     events: mpsc::UnboundedSender<Event>,
     probes: Arc<Mutex<HashMap<u32, Probe>>>,
+    by_pid: Arc<Mutex<HashMap<u32, Probe>>>,
 ) {
     let _ = socket.set_nodelay(true);
     let (read, write) = socket.into_split();
@@ -993,6 +1240,10 @@ async fn serve_probe(
         .lock()
         .expect("probes lock")
         .insert(probe.worker_id, probe.clone());
+    by_pid
+        .lock()
+        .expect("probes lock")
+        .insert(probe.pid, probe.clone());
     let _ = events.send(tag(hello.clone()));
     while let Ok(Some(line)) = lines.next_line().await {
         let body = serde_json::from_str(&line).unwrap_or_else(
