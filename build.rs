@@ -12,10 +12,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=proto");
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // Served by gRPC reflection, so grpcurl needs no copy of the protos.
+        .file_descriptor_set_path(out_dir.join("clutch_descriptor.bin"))
         // `bytes` fields decode as `bytes::Bytes` that point into tonic's
         // receive buffer: the master forwards payloads without copying them.
         .bytes(".")
-        .compile_protos(&["proto/clutch/v1/messenger.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/clutch/v1/messenger.proto",
+                "proto/clutch/v1/admin.proto",
+            ],
+            &["proto"],
+        )?;
     Ok(())
 }

@@ -307,14 +307,7 @@ impl std::fmt::Debug for Client {
 impl Client {
     /// Connects to the master, registers, and starts dispatching.
     pub async fn connect(opts: ConnectOptions) -> Result<Client, ConnectError> {
-        let endpoint = Endpoint::from_shared(format!("http://{}", opts.addr))
-            .map_err(|e| ConnectError::BadEnv {
-                var: crate::env::ADDR,
-                reason: format!("{:?} is not a host:port: {e}", opts.addr),
-            })?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(10));
-        let channel = endpoint.connect().await?;
+        let channel = dial(&opts.addr).await?;
         let mut grpc = MessengerClient::new(channel).max_decoding_message_size(usize::MAX);
         let (frames, rx) = mpsc::channel(opts.send_buffer.max(1));
         // The master answers the call only after it has read the register
@@ -593,6 +586,37 @@ impl Client {
             .await
             .map_err(|_| SendError::Disconnected)
     }
+}
+
+/// Opens a channel to the master at `host:port` or `unix:/path`.
+async fn dial(addr: &str) -> Result<tonic::transport::Channel, ConnectError> {
+    let bad = |e: &dyn std::fmt::Display| ConnectError::BadEnv {
+        var: crate::env::ADDR,
+        reason: format!("{addr:?} is not host:port or unix:/path: {e}"),
+    };
+    if let Some(path) = addr.strip_prefix("unix:") {
+        let path = path.to_owned();
+        // The URI is required by the API but unused: the connector dials the socket.
+        let endpoint = Endpoint::from_static("http://localhost");
+        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        });
+        return Ok(endpoint
+            .connect_timeout(Duration::from_secs(10))
+            .connect_with_connector(connector)
+            .await?);
+    }
+    let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| bad(&e))?;
+    Ok(endpoint
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await?)
 }
 
 fn encode<T: Serialize + ?Sized>(action: &str, data: &T) -> Result<Bytes, SendError> {

@@ -115,20 +115,20 @@ pub(crate) fn outbound_to_pb(out: Outbound) -> pb::ServerFrame {
             action: r.action.as_ref().to_owned(),
             delivered: r.delivered,
             held: r.held,
-            undelivered: r
-                .undelivered
-                .into_iter()
-                .map(|u| pb::Undelivered {
-                    code: u.code as i32,
-                    message: u.message,
-                    pid: u.pid,
-                    worker_id: u.worker_id,
-                    role: u.role.map_or(pb::Role::Unspecified, role_to_pb) as i32,
-                })
-                .collect(),
+            undelivered: r.undelivered.into_iter().map(undelivered_to_pb).collect(),
         }),
         Outbound::Shutdown { grace_ms } => Kind::Shutdown(pb::Shutdown { grace_ms }),
     })
+}
+
+pub(crate) fn undelivered_to_pb(u: Undelivered) -> pb::Undelivered {
+    pb::Undelivered {
+        code: u.code as i32,
+        message: u.message,
+        pid: u.pid,
+        worker_id: u.worker_id,
+        role: u.role.map_or(pb::Role::Unspecified, role_to_pb) as i32,
+    }
 }
 
 /// The client side: a wire frame from the master, in domain terms. `None`

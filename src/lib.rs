@@ -9,6 +9,10 @@
 //! - [`env`]: the environment variables a child is configured with;
 //! - [`server`]: the master side of the `Messenger` stream, over a
 //!   [`server::Hub`] that the master implements;
+//! - [`admin`]: the operator side: the `Admin` service (inject, list,
+//!   watch, restart, reload, shutdown), health, reflection and the
+//!   admin-token interceptor, over an [`admin::Operator`] the master
+//!   implements;
 //! - [`client`]: the child side, the core that `agent-sdk` and `worker-sdk`
 //!   wrap;
 //! - `convert` (private): wire ⇄ domain conversions.
@@ -18,6 +22,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod client;
 mod convert;
 pub mod env;

@@ -2,36 +2,36 @@
 //! children when the router says so, restarts them under the backoff rules,
 //! enforces start timeouts, and stops everything in order on a signal.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clutch::admin::{Health, ProcessInfo, Replaced, RestartTarget, Restarting};
 use clutch::Role;
 use nix::sys::signal::Signal;
-use tokio::net::TcpListener;
 use tokio::signal::unix::{signal as unix_signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::server::TcpIncoming;
+use tonic::Status;
 
+use crate::admin::{self, Command, Ops};
+use crate::auth::{self, AdminGate};
 use crate::config::Config;
+use crate::events::EventBus;
 use crate::hub::{Hub, Shared};
+use crate::listener::{BindError, Listener};
 use crate::restart::{Backoff, Decision, OnLimit};
 use crate::router::{Action, Router, SlotId, AGENT};
 use crate::supervisor::{self, Ending, Exit, Launch, SpawnError};
+use crate::systemd::Notifier;
 
 /// Why the master stopped with an error. [`MasterError::exit_code`] maps
 /// each to the documented exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
     /// The listener could not bind.
-    #[error("cannot listen on {addr}: {reason}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The OS's reason.
-        reason: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     /// The address file could not be written.
     #[error("cannot write the address file {path}: {reason}")]
     AddrFile {
@@ -119,21 +119,23 @@ enum Timer {
         incarnation: u32,
         pid: u32,
     },
+    /// An operator's restart: the process had `shutdown_ms` to exit after
+    /// the notice; now send it `signal`.
+    Escalate {
+        slot: SlotId,
+        pid: u32,
+        signal: Signal,
+    },
     /// The backoff delay before restarting the slot is over.
     Relaunch(SlotId),
 }
 
-/// Runs the cluster until a signal stops it (Ok) or it fails (Err).
+/// Runs the cluster until a signal or an operator stops it (Ok) or it
+/// fails (Err).
 pub async fn run(config: Config) -> Result<(), MasterError> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|reason| MasterError::Bind {
-            addr: config.listen,
-            reason,
-        })?;
-    let addr = listener.local_addr().map_err(|reason| MasterError::Bind {
-        addr: config.listen,
-        reason,
+    let listener = Listener::bind(&config.listen).await?;
+    let addr = listener.address().map_err(|reason| {
+        MasterError::Setup(format!("cannot read the listen address: {reason}"))
     })?;
     let (lifecycle_tx, mut lifecycle) = mpsc::unbounded_channel();
     let router = Router::new(
@@ -143,26 +145,50 @@ pub async fn run(config: Config) -> Result<(), MasterError> {
         random_u64()?,
     );
     let shared = Shared::new(router, lifecycle_tx, config.flow_wait);
+    let events = EventBus::default();
+
+    let token = match &config.admin_token {
+        Some(token) => token.clone(),
+        None => hex(&random_bytes::<32>()?),
+    };
+    auth::write_token_file(&config.token_file, &token)
+        .map_err(|e| MasterError::Setup(e.to_string()))?;
+    let (command_tx, mut commands) = mpsc::channel(admin::COMMAND_QUEUE);
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(clutch::server::service(
+        Hub {
+            shared: shared.clone(),
+        },
+        config.register_timeout,
+    ));
+    let ops = Ops {
+        shared: shared.clone(),
+        commands: command_tx,
+        events: events.clone(),
+    };
+    // An injected payload may be up to the payload limit, and its JSON form
+    // in a protobuf Value takes more room than the text.
+    let admin_max = (config.limits.max_payload_bytes * 2 + (64 << 10)).max(4 << 20);
+    routes.add_service(clutch::admin::service(
+        ops,
+        Arc::new(AdminGate::new(token, shared.clone())),
+        admin_max,
+    ));
+    let health = clutch::admin::add_public_services(&mut routes)
+        .await
+        .map_err(|e| MasterError::Setup(format!("cannot set up reflection: {e}")))?;
     let (stop_server, server_stopped) = oneshot::channel::<()>();
-    // tonic ignores the builder's TCP_NODELAY with a custom incoming, so it
-    // is set here; without it small frames wait for Nagle's timer.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(clutch::server::service(
-                Hub {
-                    shared: shared.clone(),
-                },
-                config.register_timeout,
-            ))
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = server_stopped.await;
-            }),
-    );
+    let server = tokio::spawn(listener.serve(routes.routes(), async {
+        let _ = server_stopped.await;
+    }));
     if let Some(path) = &config.addr_file {
-        write_addr_file(path, addr)?;
+        write_addr_file(path, &addr)?;
     }
     tracing::info!(%addr, workers = config.workers, "master listening");
+    tracing::info!(
+        token_file = %config.token_file.display(),
+        "admin API: send the token in this file as `authorization: Bearer <token>` (see the README's operator cookbook)"
+    );
     match (config.agent.builtin, config.app.builtin) {
         (true, true) => tracing::info!("no agent or app command configured: running the built-in demo cluster (Ctrl-C stops it)"),
         (true, false) => tracing::info!("no agent command configured: the agent is the built-in demo agent"),
@@ -171,14 +197,22 @@ pub async fn run(config: Config) -> Result<(), MasterError> {
     }
 
     let mut signals = Signals::new()?;
+    let notifier = Notifier::from_env();
+    let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
     let (timer_tx, mut timers) = mpsc::unbounded_channel();
     let mut cluster = Cluster {
         config: &config,
         shared: &shared,
-        addr: addr.to_string(),
+        events,
+        health,
+        notifier,
+        addr,
         live: HashMap::new(),
+        spawned_at: HashMap::new(),
         last_exit: HashMap::new(),
         timed_out: HashMap::new(),
+        intentional: HashMap::new(),
+        reload: None,
         backoff: (0..=config.workers).map(|_| Backoff::default()).collect(),
         cluster_ready: false,
         drops: DropLog::default(),
@@ -190,12 +224,23 @@ pub async fn run(config: Config) -> Result<(), MasterError> {
         Err(e) => Err(e),
         Ok(()) => loop {
             let step = tokio::select! {
-                Some(action) = lifecycle.recv() => cluster.on_action(action, started),
+                Some(action) = lifecycle.recv() => cluster.on_action(action, started).await,
                 Some(exit) = cluster.exits.1.recv() => {
                     cluster.on_exit(exit);
                     Ok(())
                 }
                 Some(timer) = timers.recv() => cluster.on_timer(timer),
+                Some(command) = commands.recv() => match cluster.on_command(command) {
+                    Flow::Continue => Ok(()),
+                    Flow::Stop => {
+                        tracing::info!("stopping the cluster at an operator's request: apps first, then the agent");
+                        break Ok(());
+                    }
+                },
+                _ = tick(&mut watchdog) => {
+                    cluster.notifier.notify("WATCHDOG=1");
+                    Ok(())
+                }
                 name = signals.next() => {
                     tracing::info!(signal = name, "stopping the cluster: apps first, then the agent");
                     break Ok(());
@@ -219,12 +264,53 @@ pub async fn run(config: Config) -> Result<(), MasterError> {
     outcome
 }
 
+/// Waits for the next watchdog tick, or forever without a watchdog.
+async fn tick(watchdog: &mut Option<tokio::time::Interval>) {
+    match watchdog {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether the loop goes on after an operator's command.
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// A rolling restart in progress.
+struct Reload {
+    /// App slots still to replace, in order.
+    queue: VecDeque<SlotId>,
+    /// The slot being replaced and the pid it had.
+    current: Option<(SlotId, u32)>,
+    /// Slots replaced so far.
+    replaced: Vec<Replaced>,
+    /// Where the answer goes when it is done.
+    reply: oneshot::Sender<Result<Vec<Replaced>, Status>>,
+}
+
 /// The loop's state.
 struct Cluster<'a> {
     /// The configuration.
     config: &'a Config,
     /// The router and its wake-ups.
     shared: &'a Shared,
+    /// Lifecycle events for watchers.
+    events: EventBus,
+    /// The gRPC health status.
+    health: Health,
+    /// systemd's notify socket, if any.
+    notifier: Notifier,
+    /// When each slot's current process was spawned.
+    spawned_at: HashMap<SlotId, Instant>,
+    /// Slots an operator asked to restart, with the pid being replaced: their
+    /// exit is not a crash, so it restarts at once and counts no backoff.
+    intentional: HashMap<SlotId, u32>,
+    /// The rolling restart in progress, if any.
+    reload: Option<Reload>,
     /// The address children are told to dial.
     addr: String,
     /// The pid of each slot's running process.
@@ -284,7 +370,16 @@ impl Cluster<'_> {
         })?;
         tracing::info!(pid, incarnation, command = %spec.command.display(), "launched {what}");
         self.live.insert(slot, pid);
+        self.spawned_at.insert(slot, Instant::now());
         self.backoff[slot].started(Instant::now());
+        self.events.emit(
+            "spawned",
+            Some(role),
+            slot as u32,
+            pid,
+            format!("launched {what}"),
+            |e| e.incarnation = incarnation,
+        );
         self.after(
             start_timeout,
             Timer::StartDeadline {
@@ -333,6 +428,23 @@ impl Cluster<'_> {
                 }
                 Ok(())
             }
+            Timer::Escalate { slot, pid, signal } => {
+                if self.live.get(&slot) == Some(&pid) {
+                    tracing::warn!(pid, %signal, "{} did not exit after the shutdown notice", self.slot_name(slot));
+                    supervisor::signal(pid, signal);
+                    if signal == Signal::SIGTERM {
+                        self.after(
+                            self.config.shutdown_timeout,
+                            Timer::Escalate {
+                                slot,
+                                pid,
+                                signal: Signal::SIGKILL,
+                            },
+                        );
+                    }
+                }
+                Ok(())
+            }
             Timer::Relaunch(slot) => {
                 if let Err(e) = self.launch(slot) {
                     tracing::error!("{e}");
@@ -343,19 +455,82 @@ impl Cluster<'_> {
         }
     }
 
-    fn on_action(&mut self, action: Action, started: Instant) -> Result<(), MasterError> {
+    async fn on_action(&mut self, action: Action, started: Instant) -> Result<(), MasterError> {
         match action {
             Action::LaunchApps => {
                 for slot in 1..=self.config.workers {
                     self.launch(slot)?;
                 }
             }
+            Action::Registered {
+                slot,
+                pid,
+                incarnation,
+            } => {
+                self.events.emit(
+                    "registered",
+                    Some(role_of(slot)),
+                    slot as u32,
+                    pid,
+                    "registered".into(),
+                    |e| e.incarnation = incarnation,
+                );
+            }
+            Action::Ready {
+                slot,
+                pid,
+                incarnation,
+            } => {
+                self.events.emit(
+                    "ready",
+                    Some(role_of(slot)),
+                    slot as u32,
+                    pid,
+                    "ready".into(),
+                    |e| e.incarnation = incarnation,
+                );
+                if self.cluster_ready {
+                    // A restarted process gets its own egg-ready from the router.
+                    self.events.emit(
+                        "egg-ready",
+                        Some(role_of(slot)),
+                        slot as u32,
+                        pid,
+                        "egg-ready".into(),
+                        |e| e.incarnation = incarnation,
+                    );
+                }
+                self.reload_progress(slot, pid);
+            }
             Action::ClusterReady => {
                 self.cluster_ready = true;
+                self.health.set(true).await;
+                self.notifier.notify("READY=1");
                 tracing::info!(
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "egg-ready: the agent and all {} app workers are ready",
                     self.config.workers
+                );
+                for (&slot, &pid) in &self.live {
+                    self.events.emit(
+                        "egg-ready",
+                        Some(role_of(slot)),
+                        slot as u32,
+                        pid,
+                        "egg-ready".into(),
+                        |_| {},
+                    );
+                }
+                self.events.emit(
+                    "egg-ready",
+                    None,
+                    0,
+                    0,
+                    format!(
+                        "the agent and all {} app workers are ready",
+                        self.config.workers
+                    ),
+                    |_| {},
                 );
             }
             Action::StartupFailed(slot) => {
@@ -400,9 +575,35 @@ impl Cluster<'_> {
             self.config.app_restart
         };
         let what = self.slot_name(slot);
+        let old_pid = self.last_exit.get(&slot).map_or(0, |e| e.pid);
+        if self.intentional.get(&slot) == Some(&old_pid) {
+            // An operator's restart: no crash, so no backoff and no count.
+            self.intentional.remove(&slot);
+            tracing::info!("restarting {what} at an operator's request");
+            self.events.emit(
+                "restarting",
+                Some(role_of(slot)),
+                slot as u32,
+                old_pid,
+                format!("restarting {what} at an operator's request"),
+                |_| {},
+            );
+            return self.launch(slot).or_else(|e| {
+                tracing::error!("{e}");
+                self.restart_later(slot)
+            });
+        }
         match self.backoff[slot].crashed(&policy, Instant::now()) {
             Decision::RestartIn(delay) => {
                 tracing::warn!(delay_ms = delay.as_millis() as u64, "restarting {what}");
+                self.events.emit(
+                    "restarting",
+                    Some(role_of(slot)),
+                    slot as u32,
+                    old_pid,
+                    format!("restarting {what} in {} ms", delay.as_millis()),
+                    |e| e.delay_ms = delay.as_millis() as u64,
+                );
                 self.after(delay, Timer::Relaunch(slot));
                 Ok(())
             }
@@ -415,6 +616,14 @@ impl Cluster<'_> {
                 }),
                 OnLimit::KeepRunning => {
                     let dropped = self.shared.with_router(|r, out| r.fail(slot, out));
+                    self.events.emit(
+                        "failed",
+                        Some(role_of(slot)),
+                        slot as u32,
+                        old_pid,
+                        format!("{what} passed its restart limit; its slot stays empty"),
+                        |_| {},
+                    );
                     tracing::error!(
                         restarts,
                         window_ms = policy.window.as_millis() as u64,
@@ -428,17 +637,210 @@ impl Cluster<'_> {
         }
     }
 
+    fn on_command(&mut self, command: Command) -> Flow {
+        match command {
+            Command::List(reply) => {
+                let now = Instant::now();
+                let list = self
+                    .shared
+                    .with_router(|r, _| r.view())
+                    .into_iter()
+                    .enumerate()
+                    .map(|(slot, v)| ProcessInfo {
+                        role: v.role,
+                        worker_id: v.worker_id,
+                        pid: v.pid.unwrap_or(0),
+                        state: v.state,
+                        incarnation: v.incarnation,
+                        uptime_ms: self
+                            .spawned_at
+                            .get(&slot)
+                            .map_or(0, |t| now.duration_since(*t).as_millis() as u64),
+                        pending: v.pending as u64,
+                        delivered: v.delivered,
+                        dropped: v.dropped,
+                    })
+                    .collect();
+                let _ = reply.send(list);
+            }
+            Command::Restart(target, reply) => {
+                let _ = reply.send(self.restart_by(target));
+            }
+            Command::Reload(reply) => {
+                if self.reload.is_some() {
+                    let _ = reply.send(Err(Status::failed_precondition(
+                        "a reload is already running",
+                    )));
+                } else if !self.cluster_ready {
+                    let _ = reply.send(Err(Status::unavailable(
+                        "the cluster is not ready yet: reload after egg-ready",
+                    )));
+                } else {
+                    let failed: Vec<bool> = self
+                        .shared
+                        .with_router(|r, _| r.view())
+                        .iter()
+                        .map(|v| v.state == "failed")
+                        .collect();
+                    tracing::info!("reload: replacing the app workers one at a time");
+                    self.reload = Some(Reload {
+                        queue: (1..=self.config.workers).filter(|&s| !failed[s]).collect(),
+                        current: None,
+                        replaced: Vec::new(),
+                        reply,
+                    });
+                    self.reload_next();
+                }
+            }
+            Command::Shutdown(reply) => {
+                let _ = reply.send(());
+                return Flow::Stop;
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Resolves an operator's restart target and begins the restart.
+    fn restart_by(&mut self, target: RestartTarget) -> Result<Restarting, Status> {
+        let slot = match target {
+            RestartTarget::Agent => AGENT,
+            RestartTarget::Worker(id) if (1..=self.config.workers).contains(&(id as usize)) => {
+                id as usize
+            }
+            RestartTarget::Worker(id) => {
+                return Err(Status::not_found(format!(
+                    "no app worker {id}: this cluster has workers 1 to {}",
+                    self.config.workers
+                )))
+            }
+            RestartTarget::Pid(pid) => self
+                .shared
+                .with_router(|r, _| r.slot_of_pid(pid))
+                .ok_or_else(|| {
+                    Status::not_found(format!("no process with pid {pid} in this cluster"))
+                })?,
+        };
+        if self
+            .reload
+            .as_ref()
+            .is_some_and(|r| r.current.is_some_and(|(s, _)| s == slot))
+        {
+            return Err(Status::failed_precondition(format!(
+                "{} is being replaced by a reload",
+                self.slot_name(slot)
+            )));
+        }
+        let old_pid = self.begin_restart(slot).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "{} has no running process to restart",
+                self.slot_name(slot)
+            ))
+        })?;
+        Ok(Restarting {
+            role: role_of(slot),
+            worker_id: slot as u32,
+            old_pid,
+        })
+    }
+
+    /// Gracefully stops the slot's process so that it comes back at once:
+    /// the shutdown notice, then SIGTERM and SIGKILL if it lingers.
+    fn begin_restart(&mut self, slot: SlotId) -> Option<u32> {
+        let grace = self.config.shutdown_timeout;
+        let grace_ms = u32::try_from(grace.as_millis()).unwrap_or(u32::MAX);
+        let pid = self
+            .shared
+            .with_router(|r, out| r.stop_one(slot, grace_ms, out))?;
+        if self.live.get(&slot) != Some(&pid) {
+            return None;
+        }
+        tracing::info!(
+            pid,
+            "restarting {} at an operator's request: shutdown notice sent",
+            self.slot_name(slot)
+        );
+        self.intentional.insert(slot, pid);
+        self.after(
+            grace,
+            Timer::Escalate {
+                slot,
+                pid,
+                signal: Signal::SIGTERM,
+            },
+        );
+        Some(pid)
+    }
+
+    /// Starts replacing the next slot of the reload, or answers when done.
+    fn reload_next(&mut self) {
+        loop {
+            let Some(reload) = self.reload.as_mut() else {
+                return;
+            };
+            let Some(slot) = reload.queue.pop_front() else {
+                if let Some(done) = self.reload.take() {
+                    tracing::info!(replaced = done.replaced.len(), "reload done");
+                    let _ = done.reply.send(Ok(done.replaced));
+                }
+                return;
+            };
+            let old = self.live.get(&slot).copied();
+            match old.and_then(|_| self.begin_restart(slot)) {
+                Some(old_pid) => {
+                    if let Some(reload) = self.reload.as_mut() {
+                        reload.current = Some((slot, old_pid));
+                    }
+                    return;
+                }
+                // No process to replace (it is restarting on its own): the
+                // slot is fresh already.
+                None => continue,
+            }
+        }
+    }
+
+    /// A process became ready: if it replaces the reload's current slot,
+    /// move on to the next.
+    fn reload_progress(&mut self, slot: SlotId, pid: u32) {
+        let Some(reload) = self.reload.as_mut() else {
+            return;
+        };
+        if let Some((current, old_pid)) = reload.current {
+            if current == slot && pid != old_pid {
+                reload.replaced.push(Replaced {
+                    worker_id: slot as u32,
+                    old_pid,
+                    new_pid: pid,
+                });
+                reload.current = None;
+                self.reload_next();
+            }
+        }
+    }
+
     fn on_exit(&mut self, exit: Exit) {
         if self.live.get(&exit.slot) == Some(&exit.pid) {
             self.live.remove(&exit.slot);
         }
-        let role = if exit.slot == AGENT {
-            Role::Agent
-        } else {
-            Role::App
-        };
+        let role = role_of(exit.slot);
         supervisor::child_span(role, exit.slot as u32, exit.pid)
             .in_scope(|| tracing::info!("exited with {}", exit.ending));
+        self.spawned_at.remove(&exit.slot);
+        let (code, signal) = match exit.ending {
+            Ending::Code(c) => (c, 0),
+            Ending::Signal(s) => (-1, s),
+        };
+        self.events.emit(
+            "exited",
+            Some(role),
+            exit.slot as u32,
+            exit.pid,
+            format!("exited with {}", exit.ending),
+            |e| {
+                e.exit_code = code;
+                e.signal = signal;
+            },
+        );
         let (slot, pid) = (exit.slot, exit.pid);
         self.last_exit.insert(slot, exit);
         self.shared.with_router(|r, out| r.exited(slot, pid, out));
@@ -449,6 +851,21 @@ impl Cluster<'_> {
     /// whoever is left after the shutdown timeout, then SIGKILL after
     /// another. A second signal kills whatever is left at once.
     async fn stop(&mut self, signals: &mut Signals) {
+        self.health.set(false).await;
+        self.notifier.notify("STOPPING=1");
+        self.events.emit(
+            "shutdown",
+            None,
+            0,
+            0,
+            "the cluster is stopping".into(),
+            |_| {},
+        );
+        if let Some(reload) = self.reload.take() {
+            let _ = reload
+                .reply
+                .send(Err(Status::aborted("the cluster is stopping")));
+        }
         let grace = self.config.shutdown_timeout;
         let grace_ms = u32::try_from(grace.as_millis()).unwrap_or(u32::MAX);
         for role in [Role::App, Role::Agent] {
@@ -574,7 +991,7 @@ impl Signals {
     }
 }
 
-fn write_addr_file(path: &PathBuf, addr: SocketAddr) -> Result<(), MasterError> {
+fn write_addr_file(path: &PathBuf, addr: &str) -> Result<(), MasterError> {
     // Write then rename, so a reader never sees half an address.
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, format!("{addr}\n"))
@@ -598,8 +1015,17 @@ fn random_u64() -> Result<u64, MasterError> {
 
 /// A fresh single-use secret: 128 random bits, hex.
 fn secret() -> Result<String, MasterError> {
-    Ok(random_bytes::<16>()?
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hex(&random_bytes::<16>()?))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn role_of(slot: SlotId) -> Role {
+    if slot == AGENT {
+        Role::Agent
+    } else {
+        Role::App
+    }
 }

@@ -81,9 +81,16 @@ pub struct Flags {
     /// TOML config file (see the README for every key).
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Address of the gRPC listener [default: 127.0.0.1:0, a free port].
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Address of the gRPC listener: IP:PORT or unix:/path [default: 127.0.0.1:0, a free port].
+    #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
+    /// Allow a listen address that is not loopback (the cluster's API is then
+    /// reachable from other machines; only the admin token protects it).
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Where to write the admin token (mode 0600) [default: $XDG_RUNTIME_DIR/clutch-PID/admin.token].
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     /// Number of app workers [default: the CPU count, cgroup quota honoured].
     #[arg(long, short = 'w', value_name = "N")]
     pub workers: Option<usize>,
@@ -128,6 +135,7 @@ fn parse_env_pair(s: &str) -> Result<(String, String), String> {
 #[serde(deny_unknown_fields)]
 struct File {
     listen: Option<String>,
+    allow_remote: Option<bool>,
     workers: Option<usize>,
     addr_file: Option<PathBuf>,
     agent: Option<ChildFile>,
@@ -135,6 +143,14 @@ struct File {
     limits: Option<LimitsFile>,
     timeouts: Option<TimeoutsFile>,
     restart: Option<RestartFile>,
+    admin: Option<AdminFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminFile {
+    token: Option<String>,
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -199,11 +215,29 @@ pub struct ChildSpec {
     pub builtin: bool,
 }
 
+/// Where the master listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix domain socket (grpcurl reaches it with `-unix`).
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
 /// The resolved configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Where the gRPC listener binds.
-    pub listen: SocketAddr,
+    pub listen: Listen,
     /// Number of app workers (N).
     pub workers: usize,
     /// Where to write the bound address, if anywhere.
@@ -228,6 +262,10 @@ pub struct Config {
     pub agent_restart: Policy,
     /// Restart rules for the app workers.
     pub app_restart: Policy,
+    /// The admin token, when configured (else one is generated at start).
+    pub admin_token: Option<String>,
+    /// Where the admin token is written.
+    pub token_file: PathBuf,
 }
 
 /// The CPU count, honouring cgroup quotas (Egg over-forks in containers).
@@ -250,10 +288,23 @@ impl Config {
             .listen
             .or(file.listen)
             .unwrap_or_else(|| "127.0.0.1:0".into());
-        let listen: SocketAddr = listen_text.parse().map_err(|e| ConfigError::Invalid {
-            key: "listen",
-            message: format!("{listen_text:?} is not an IP:port address ({e})"),
-        })?;
+        let allow_remote = flags.allow_remote || file.allow_remote.unwrap_or(false);
+        let listen = parse_listen(&listen_text, allow_remote)?;
+        let admin = file.admin.unwrap_or_default();
+        let admin_token = std::env::var("CLUTCH_ADMIN_TOKEN")
+            .ok()
+            .or(admin.token)
+            .filter(|t| !t.trim().is_empty());
+        if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(ConfigError::Invalid {
+                key: "admin.token",
+                message: "must be at least 16 characters".into(),
+            });
+        }
+        let token_file = flags
+            .token_file
+            .or(admin.token_file)
+            .unwrap_or_else(crate::auth::default_token_file);
         let workers = flags
             .workers
             .or(file.workers)
@@ -358,8 +409,34 @@ impl Config {
             app_start_timeout: ms("timeouts.app_start_ms", t.app_start_ms, 30_000)?,
             agent_restart,
             app_restart,
+            admin_token,
+            token_file,
         })
     }
+}
+
+/// `IP:PORT` (loopback unless `allow_remote`) or `unix:/path`.
+fn parse_listen(text: &str, allow_remote: bool) -> Result<Listen, ConfigError> {
+    if let Some(path) = text.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "listen",
+                message: "unix: needs a path, as in unix:/run/clutch.sock".into(),
+            });
+        }
+        return Ok(Listen::Unix(PathBuf::from(path)));
+    }
+    let addr: SocketAddr = text.parse().map_err(|e| ConfigError::Invalid {
+        key: "listen",
+        message: format!("{text:?} is not IP:PORT or unix:/path ({e})"),
+    })?;
+    if !addr.ip().is_loopback() && !allow_remote {
+        return Err(ConfigError::Invalid {
+            key: "listen",
+            message: format!("{addr} is not a loopback address; set allow_remote = true (or --allow-remote) to listen there"),
+        });
+    }
+    Ok(Listen::Tcp(addr))
 }
 
 fn read_file(path: &Path) -> Result<File, ConfigError> {
@@ -467,7 +544,10 @@ mod tests {
         };
         let c = Config::resolve(file, flags).expect("valid config");
         assert_eq!(c.workers, 5);
-        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(
+            c.listen,
+            Listen::Tcp("127.0.0.1:7000".parse().expect("addr"))
+        );
         assert_eq!(c.app.command, PathBuf::from("py"));
         assert_eq!(c.app.args, vec!["b".to_string()]);
         assert_eq!(c.app.env.get("K").map(String::as_str), Some("V"));
@@ -484,6 +564,19 @@ mod tests {
             .expect_err("bad listen accepted")
             .to_string();
         assert!(err.starts_with("listen:"), "{err}");
+        let err = parse("listen = \"0.0.0.0:7000\"")
+            .expect_err("remote listen accepted")
+            .to_string();
+        assert!(err.contains("allow_remote"), "{err}");
+        assert!(parse("listen = \"0.0.0.0:7000\"\nallow_remote = true").is_ok());
+        assert_eq!(
+            parse("listen = \"unix:/tmp/c.sock\"").expect("unix").listen,
+            Listen::Unix("/tmp/c.sock".into())
+        );
+        let err = parse("[admin]\ntoken = \"short\"")
+            .expect_err("short token accepted")
+            .to_string();
+        assert!(err.contains("16"), "{err}");
         let err = parse("[limits]\nmailbox_messages = 0")
             .expect_err("0 mailbox accepted")
             .to_string();

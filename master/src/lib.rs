@@ -8,9 +8,15 @@
 //!   frames waiting for the stream are one mechanism);
 //! - [`router`]: the pure state machine: routing, the egg-ready barrier,
 //!   egg-pids, registration checks. No I/O;
+//! - [`listener`]: the TCP or Unix socket the master serves on;
 //! - [`hub`]: the edge between the gRPC streams and the router;
 //! - [`restart`]: when to restart a crashed child (backoff, intensity limit);
 //! - [`supervisor`]: child processes: launch, output relay, exit, signals;
+//! - [`admin`]: the operator API (inject, list, watch, restart, reload,
+//!   shutdown) over the router and the main loop;
+//! - [`auth`]: the admin token and who may use admin RPCs;
+//! - [`events`]: lifecycle events for `Watch`;
+//! - [`systemd`]: the notify protocol (READY, STOPPING, WATCHDOG);
 //! - [`cluster`]: the main loop tying listener, router and children together;
 //! - [`config`]: the TOML file and CLI flags;
 //! - [`demo`]: the built-in demo agent and workers.
@@ -23,11 +29,16 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod events;
 pub mod hub;
+pub mod listener;
 pub mod mailbox;
 pub mod restart;
 pub mod router;
 pub mod supervisor;
+pub mod systemd;

@@ -71,6 +71,24 @@ pub enum Action {
     /// The slot's mailbox fell below the low watermark: senders waiting on
     /// it for flow control may go on.
     Relieved(SlotId),
+    /// A process registered its stream.
+    Registered {
+        /// Its slot.
+        slot: SlotId,
+        /// Its pid.
+        pid: u32,
+        /// Its incarnation.
+        incarnation: u32,
+    },
+    /// A process declared itself ready.
+    Ready {
+        /// Its slot.
+        slot: SlotId,
+        /// Its pid.
+        pid: u32,
+        /// Its incarnation.
+        incarnation: u32,
+    },
     /// The agent is ready for the first time: launch the app workers.
     LaunchApps,
     /// The barrier passed: egg-ready went to every process.
@@ -183,6 +201,8 @@ pub struct SlotView {
     pub delivered: u64,
     /// Frames its mailbox refused.
     pub dropped: u64,
+    /// idle, spawned, registered, ready, detached, exited or failed.
+    pub state: &'static str,
 }
 
 /// The state machine.
@@ -261,6 +281,15 @@ impl Router {
                 pending: s.mailbox.len(),
                 delivered: s.delivered,
                 dropped: s.dropped,
+                state: match s.phase {
+                    Phase::Idle => "idle",
+                    Phase::Spawned { .. } => "spawned",
+                    Phase::Attached { ready: false, .. } => "registered",
+                    Phase::Attached { ready: true, .. } => "ready",
+                    Phase::Detached { .. } => "detached",
+                    Phase::Exited { .. } => "exited",
+                    Phase::Failed { .. } => "failed",
+                },
             })
             .collect()
     }
@@ -384,6 +413,11 @@ impl Router {
             slot,
             incarnation: s.incarnation,
         };
+        out.push(Action::Registered {
+            slot,
+            pid,
+            incarnation: identity.incarnation,
+        });
         if s.role == Role::App {
             let agent = self.agent_pids();
             let _ = self.push(slot, Outbound::EggPids(agent), None, out);
@@ -405,6 +439,11 @@ impl Router {
         }
         *ready = true;
         let role = s.role;
+        out.push(Action::Ready {
+            slot: conn.slot,
+            pid: s.phase.pid().unwrap_or(0),
+            incarnation: conn.incarnation,
+        });
         match role {
             Role::Agent if !self.apps_launched => {
                 self.apps_launched = true;
@@ -452,6 +491,50 @@ impl Router {
             pid: sender.phase.pid().unwrap_or(0),
             worker_id: sender.worker_id,
         };
+        let want_result = req.want_result;
+        let result = self.route(from, Some(conn), req, &mut congested, out);
+        if want_result || !result.undelivered.is_empty() {
+            let _ = self.push(conn.slot, Outbound::SendResult(result), None, out);
+        }
+        congested
+    }
+
+    /// Routes a message an operator injected, as sent by the master itself.
+    pub fn inject(
+        &mut self,
+        target: Target,
+        action: String,
+        data: Bytes,
+        out: &mut Vec<Action>,
+    ) -> SendResult {
+        let from = Origin {
+            role: Role::Master,
+            pid: self.master_pid,
+            worker_id: 0,
+        };
+        let req = SendRequest {
+            id: 0,
+            target: Some(target),
+            action,
+            data,
+            want_result: true,
+        };
+        // An operator is not slowed by flow control; a full mailbox is
+        // reported in the result instead.
+        self.route(from, None, req, &mut Vec::new(), out)
+    }
+
+    /// Checks a send, queues it for every target and accounts for it.
+    /// `sender` is the stream to tell if a `sendTo` message later misses its
+    /// process; `congested` collects receivers past the high watermark.
+    fn route(
+        &mut self,
+        from: Origin,
+        sender: Option<Conn>,
+        req: SendRequest,
+        congested: &mut Vec<SlotId>,
+        out: &mut Vec<Action>,
+    ) -> SendResult {
         let action: Arc<str> = Arc::from(req.action);
         let mut result = SendResult {
             id: req.id,
@@ -468,8 +551,8 @@ impl Router {
                     data: req.data,
                     from,
                 };
-                let pinned = match req.target {
-                    Some(Target::Pid(pid)) => Some(Pinned {
+                let pinned = match (req.target, sender) {
+                    (Some(Target::Pid(pid)), Some(conn)) => Some(Pinned {
                         sender: conn.slot,
                         sender_incarnation: conn.incarnation,
                         send_id: req.id,
@@ -517,10 +600,7 @@ impl Router {
                 }
             }
         }
-        if req.want_result || !result.undelivered.is_empty() {
-            let _ = self.push(conn.slot, Outbound::SendResult(result), None, out);
-        }
-        congested
+        result
     }
 
     /// Validates a send and resolves its target slots.
@@ -695,6 +775,42 @@ impl Router {
         let dropped = s.mailbox.clear();
         s.dropped += dropped as u64;
         dropped
+    }
+
+    /// Asks one process to stop (an operator's restart): queues the
+    /// shutdown notice for it alone. Returns its pid if it is running.
+    pub fn stop_one(&mut self, slot: SlotId, grace_ms: u32, out: &mut Vec<Action>) -> Option<u32> {
+        let pid = match self.slots[slot].phase {
+            Phase::Spawned { pid, .. }
+            | Phase::Attached { pid, .. }
+            | Phase::Detached { pid, .. } => pid,
+            _ => return None,
+        };
+        if self.is_attached(slot) {
+            let _ = self.push(slot, Outbound::Shutdown { grace_ms }, None, out);
+        }
+        Some(pid)
+    }
+
+    /// The slot of the process with this current pid.
+    pub fn slot_of_pid(&self, pid: u32) -> Option<SlotId> {
+        self.pids
+            .get(&pid)
+            .copied()
+            .filter(|&s| self.slots[s].phase.pid() == Some(pid))
+    }
+
+    /// True while a secret belongs to one of the cluster's processes (used
+    /// to refuse child secrets on admin RPCs with a precise reason).
+    pub fn is_child_secret(&self, candidate: &str) -> bool {
+        self.slots.iter().any(|s| match &s.phase {
+            Phase::Spawned { secret, .. }
+            | Phase::Attached { secret, .. }
+            | Phase::Detached { secret, .. } => {
+                constant_time_eq(secret.as_bytes(), candidate.as_bytes())
+            }
+            _ => false,
+        })
     }
 
     /// Begins shutdown for every child of `role`: refuse new registrations
@@ -905,7 +1021,7 @@ fn frame_kind(frame: &Outbound) -> &'static str {
 const RETIRED_PIDS: usize = 256;
 
 /// Compares secrets in time that does not depend on where they differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
