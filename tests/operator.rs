@@ -1,0 +1,1 @@
+//! Operator surface end-to-end tests with the real grpcurl (being written).
