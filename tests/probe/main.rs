@@ -537,6 +537,8 @@ async fn run() -> anyhow::Result<()> {
         "worker_id": identity.worker_id,
         "pid": identity.pid,
         "incarnation": identity.incarnation,
+        // CLUTCH_INCARNATION as the master set it, to compare with the welcome.
+        "env_incarnation": std::env::var(clutch::env::INCARNATION).ok().and_then(|v| v.trim().parse::<u32>().ok()),
         // Included so that a test can try to register with a used secret.
         "secret": std::env::var(clutch::env::SECRET).unwrap_or_default(),
     });
