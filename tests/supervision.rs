@@ -456,13 +456,16 @@ async fn a_killed_agent_loses_none_of_the_ticks_sent_while_it_was_down() {
         .collect();
 
     let new = c.probe_incarnation(AGENT, 2).await;
-    c.wait_until("20 more ticks from each app at the new agent", |h| {
+    // 60 ticks (~300 ms) past the old agent's last: the ones sent while no
+    // agent existed (the 100 ms restart delay and the new agent's start),
+    // and live ones after it registered.
+    c.wait_until("60 more ticks from each app at the new agent", |h| {
         [1, 2].iter().zip(&last_old).all(|(&w, &last)| {
             h.iter().any(|e| {
                 e.pid == new.pid
                     && e.is_message("tick")
                     && e.body["from_worker_id"] == w
-                    && e.seq().is_some_and(|s| s >= last + 20)
+                    && e.seq().is_some_and(|s| s >= last + 60)
             })
         })
     })
@@ -823,6 +826,20 @@ async fn children_die_with_the_master(opts: Options) {
     let mut c = Cluster::start_ready(opts).await;
     let children = c.live_children();
     assert_eq!(children.len(), 3, "an agent and two apps: {children:?}");
+    // Each child leads its own process group (so that signalling the group
+    // reaches its descendants and nothing else).
+    for pid in &children {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // pid (comm) state ppid pgrp ...: comm may contain spaces, so split
+        // after its closing parenthesis.
+        let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+        let pgrp: Option<u32> = after.split_whitespace().nth(2).and_then(|p| p.parse().ok());
+        if pgrp != Some(*pid) {
+            c.fail(&format!(
+                "child {pid} should lead its own process group, its pgrp is {pgrp:?}"
+            ));
+        }
+    }
     let since = Instant::now();
     c.signal_master(Signal::SIGKILL);
     let limit = Duration::from_secs(1);
