@@ -221,7 +221,33 @@ pub(crate) fn send_to_pb(req: SendRequest) -> pb::ClientFrame {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+    use prost::Message as _;
+
     use super::*;
+
+    proptest! {
+        /// Untrusted bytes from a child's stream: decoding either fails
+        /// cleanly or yields a frame whose conversion never panics.
+        #[test]
+        fn arbitrary_client_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(frame) = pb::ClientFrame::decode(bytes.as_slice()) {
+                match frame.kind {
+                    Some(pb::client_frame::Kind::Register(r)) => { let _ = registration_from_pb(r); }
+                    Some(pb::client_frame::Kind::Send(s)) => { let _ = send_from_pb(s); }
+                    _ => {}
+                }
+            }
+        }
+
+        /// And the same for what a client reads from the master.
+        #[test]
+        fn arbitrary_server_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(frame) = pb::ServerFrame::decode(bytes.as_slice()) {
+                let _ = outbound_from_pb(frame);
+            }
+        }
+    }
 
     #[test]
     fn every_target_survives_the_wire() {

@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -49,11 +50,23 @@ pub trait Session: Send + Sync + 'static {
     fn detach(&self);
 }
 
+/// Limits on streams that have not registered yet: a client that opens
+/// streams and never registers must not tie up the master.
+#[derive(Clone, Copy, Debug)]
+pub struct PendingLimits {
+    /// How long a new stream may take to send its register frame.
+    pub register_timeout: Duration,
+    /// How many streams may wait for their register frame at once; more are
+    /// refused with RESOURCE_EXHAUSTED.
+    pub max_pending: usize,
+}
+
 /// The tonic service for [`Hub`]; add it to a `tonic::transport::Server`.
-pub fn service<H: Hub>(hub: H, register_timeout: Duration) -> MessengerServer<Adapter<H>> {
+pub fn service<H: Hub>(hub: H, limits: PendingLimits) -> MessengerServer<Adapter<H>> {
     MessengerServer::new(Adapter {
         hub: Arc::new(hub),
-        register_timeout,
+        limits,
+        pending: Arc::new(AtomicUsize::new(0)),
     })
     // The hub enforces its own payload limit with a precise error; tonic's
     // default of 4 MiB would otherwise cut the stream with a vaguer one.
@@ -64,8 +77,19 @@ pub fn service<H: Hub>(hub: H, register_timeout: Duration) -> MessengerServer<Ad
 pub struct Adapter<H> {
     /// The master's routing core.
     hub: Arc<H>,
-    /// How long a new stream may take to send its register frame.
-    register_timeout: Duration,
+    /// Limits on unregistered streams.
+    limits: PendingLimits,
+    /// Streams waiting for their register frame now.
+    pending: Arc<AtomicUsize>,
+}
+
+/// Counts one stream as pending until dropped.
+struct PendingSlot(Arc<AtomicUsize>);
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[tonic::async_trait]
@@ -77,11 +101,22 @@ impl<H: Hub> Messenger for Adapter<H> {
         request: Request<Streaming<pb::ClientFrame>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         let mut inbound = request.into_inner();
-        let first = match tokio::time::timeout(self.register_timeout, inbound.message()).await {
+        if self.pending.fetch_add(1, Ordering::Relaxed) >= self.limits.max_pending {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            return Err(Status::resource_exhausted(format!(
+                "too many streams waiting to register (the limit is {}): register within {} ms of opening a stream",
+                self.limits.max_pending,
+                self.limits.register_timeout.as_millis()
+            )));
+        }
+        let pending = PendingSlot(self.pending.clone());
+        let first = tokio::time::timeout(self.limits.register_timeout, inbound.message()).await;
+        drop(pending);
+        let first = match first {
             Err(_) => {
                 return Err(Status::deadline_exceeded(format!(
                     "no register frame within {} ms of opening the stream",
-                    self.register_timeout.as_millis()
+                    self.limits.register_timeout.as_millis()
                 )))
             }
             Ok(Err(status)) => return Err(status),

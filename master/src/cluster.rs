@@ -159,7 +159,10 @@ pub async fn run(config: Config) -> Result<(), MasterError> {
         Hub {
             shared: shared.clone(),
         },
-        config.register_timeout,
+        clutch::server::PendingLimits {
+            register_timeout: config.register_timeout,
+            max_pending: config.max_pending_streams,
+        },
     ));
     let ops = Ops {
         shared: shared.clone(),

@@ -165,6 +165,7 @@ struct ChildFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LimitsFile {
+    max_pending_streams: Option<usize>,
     max_action_bytes: Option<usize>,
     max_payload_bytes: Option<usize>,
     mailbox_messages: Option<usize>,
@@ -250,6 +251,8 @@ pub struct Config {
     pub limits: Limits,
     /// How long a new stream may take to register.
     pub register_timeout: Duration,
+    /// How many streams may wait to register at once.
+    pub max_pending_streams: usize,
     /// How long each shutdown phase waits before SIGKILL.
     pub shutdown_timeout: Duration,
     /// How long a sender waits on a congested receiver.
@@ -403,8 +406,9 @@ impl Config {
             app,
             limits,
             register_timeout: ms("timeouts.register_ms", t.register_ms, 10_000)?,
+            max_pending_streams: positive("limits.max_pending_streams", l.max_pending_streams, 64)?,
             shutdown_timeout: ms("timeouts.shutdown_ms", t.shutdown_ms, 5_000)?,
-            flow_wait: ms("timeouts.flow_ms", t.flow_ms, 2_000)?,
+            flow_wait: ms("timeouts.flow_ms", t.flow_ms, 500)?,
             agent_start_timeout: ms("timeouts.agent_start_ms", t.agent_start_ms, 30_000)?,
             app_start_timeout: ms("timeouts.app_start_ms", t.app_start_ms, 30_000)?,
             agent_restart,
@@ -516,6 +520,24 @@ mod tests {
             message: e.to_string(),
         })?;
         Config::resolve(file, Flags::default())
+    }
+
+    proptest::proptest! {
+        /// Config text is untrusted input: any string parses or fails with
+        /// an error, never a panic.
+        #[test]
+        fn arbitrary_config_text_never_panics(text in "\\PC{0,300}") {
+            let _ = parse(&text);
+        }
+
+        /// Including text shaped like the real thing.
+        #[test]
+        fn config_like_text_never_panics(
+            key in "(listen|workers|addr_file|agent|app|limits|timeouts|restart|admin)",
+            value in "(\"[ -~]{0,20}\"|-?[0-9]{1,25}|true|\\[\\]|\\{\\})",
+        ) {
+            let _ = parse(&format!("{key} = {value}"));
+        }
     }
 
     #[test]

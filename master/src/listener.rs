@@ -11,6 +11,11 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::config::Listen;
 
+/// Concurrent streams one HTTP/2 connection may open.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// The largest metadata (header list) a request may carry.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
 /// A bound listener.
 pub enum Listener {
     /// TCP.
@@ -74,7 +79,13 @@ impl Listener {
         routes: Routes,
         stop: impl Future<Output = ()>,
     ) -> Result<(), tonic::transport::Error> {
-        let server = tonic::transport::Server::builder().add_routes(routes);
+        let server = tonic::transport::Server::builder()
+            // A child needs one stream and an operator a few: this bounds
+            // what one misbehaving connection can open.
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            // Oversized metadata is refused by HTTP/2 itself.
+            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+            .add_routes(routes);
         match self {
             // tonic ignores the builder's TCP_NODELAY with a custom incoming,
             // so it is set here; without it small frames wait for Nagle.
