@@ -204,6 +204,25 @@ async fn run() -> anyhow::Result<()> {
         "pid": me.pid,
     }));
 
+    // A fire-and-forget send that missed a target is a lost message for the
+    // benchmark: say so at once (the harness stops waiting), and count them.
+    let undelivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let (undelivered, events) = (undelivered.clone(), events.clone());
+        client.on_undelivered(move |result| {
+            let missed = result.undelivered.len() as u64;
+            if undelivered.fetch_add(missed, std::sync::atomic::Ordering::Relaxed) == 0 {
+                let first = result
+                    .undelivered
+                    .first()
+                    .map(|u| format!("{:?}: {}", u.code, u.message));
+                let _ = events.send(
+                    json!({ "event": "undelivered", "action": &*result.action, "first": first }),
+                );
+            }
+        });
+    }
+
     // Handlers before ready(), so nothing is missed.
     let counter: Counter = Arc::new(Mutex::new(None));
     for action in ["bench-fanout", "bench-fanin"] {
@@ -300,6 +319,7 @@ async fn run() -> anyhow::Result<()> {
                 let _ = events.send(json!({
                     "event": "sent", "id": id, "count": n,
                     "elapsed_us": start.elapsed().as_secs_f64() * 1e6,
+                    "undelivered_so_far": undelivered.load(std::sync::atomic::Ordering::Relaxed),
                 }));
             }
             "rtt" => {

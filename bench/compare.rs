@@ -62,6 +62,10 @@ struct Cli {
     /// Where to write results (default: bench/results).
     #[arg(long)]
     results: Option<PathBuf>,
+    /// Profile the Clutch master with `perf record` during every flood,
+    /// writing perf.data files into DIR (figures are perturbed).
+    #[arg(long, value_name = "DIR")]
+    perf: Option<PathBuf>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -111,6 +115,9 @@ fn main() {
     }
     if let Some(ms) = cli.settle_ms {
         opts.settle = Duration::from_millis(ms);
+    }
+    if let Some(dir) = cli.perf {
+        opts.perf_dir = Some(dir);
     }
     if let Some(dir) = cli.results {
         opts.results_dir = Some(dir);

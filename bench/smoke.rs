@@ -50,8 +50,7 @@ fn smoke_run_produces_complete_results() {
             .as_ref()
             .unwrap_or_else(|| panic!("no Clutch figure for {:?}\n{markdown}", row.key));
         assert!(
-            stat.median > 0.0 && stat.median.is_finite() && stat.n == opts.runs.max(1)
-                || row.key == "peak_rss_fanin_large" && stat.n == 1,
+            stat.n >= 1 && stat.min > 0.0 && stat.max.is_finite(),
             "Clutch figure for {:?} is not sane: {stat:?}\n{markdown}",
             row.key
         );

@@ -205,9 +205,7 @@ impl Cluster {
             last = last.max(e.at);
         }
         cluster.start_ms = last.duration_since(spawned).as_secs_f64() * 1e3;
-        if system == System::Clutch {
-            cluster.master_reported_start_ms = cluster.logged_egg_ready_ms();
-        }
+        cluster.master_reported_start_ms = cluster.logged_start_ms();
         let missing: Vec<u32> = (0..=workers)
             .filter(|w| !cluster.procs.lock().unwrap().contains_key(w))
             .collect();
@@ -286,6 +284,15 @@ impl Cluster {
                             self.report()
                         );
                     }
+                    if e.kind() == "undelivered" {
+                        bail!(
+                            "worker {}: the master reported a message of {} undelivered while waiting for {what}: {}\n{}",
+                            e.worker_id,
+                            e.body["action"],
+                            e.body["first"],
+                            self.report()
+                        );
+                    }
                     if pred(&e) {
                         return Ok(e);
                     }
@@ -349,19 +356,30 @@ impl Cluster {
         out
     }
 
-    /// `elapsed_ms=…` from Clutch's "egg-ready" log line.
-    fn logged_egg_ready_ms(&self) -> Option<f64> {
+    /// The master's own account of its start: `elapsed_ms=…` in Clutch's
+    /// "egg-ready" log line, `(…ms)` in Egg's "egg started on …" line (Egg's
+    /// counts from the master's constructor, after Node and the framework
+    /// have loaded in the master).
+    fn logged_start_ms(&self) -> Option<f64> {
         let log = self.log.lock().unwrap();
-        log.iter()
-            .filter(|l| l.contains("egg-ready"))
-            .find_map(|l| {
-                let rest = &l[l.find("elapsed_ms=")? + "elapsed_ms=".len()..];
-                let num: String = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_digit() || *c == '.')
-                    .collect();
-                num.parse().ok()
-            })
+        let number = |s: &str| -> Option<f64> {
+            let num: String = s
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            num.parse().ok()
+        };
+        log.iter().find_map(|l| match self.system {
+            System::Clutch if l.contains("egg-ready") => {
+                number(&l[l.find("elapsed_ms=")? + "elapsed_ms=".len()..])
+            }
+            System::Egg if l.contains("started on") => {
+                let end = l.rfind("ms)")?;
+                let start = l[..end].rfind('(')? + 1;
+                number(&l[start..end])
+            }
+            _ => None,
+        })
     }
 
     /// Stops the cluster the way an operator would (SIGTERM to the master)

@@ -91,6 +91,10 @@ pub struct Options {
     pub results_dir: Option<PathBuf>,
     /// Progress lines on stderr.
     pub verbose: bool,
+    /// Record the Clutch master with `perf record` during every flood, into
+    /// this directory (`BENCH_PERF_ARGS` overrides the sampling options).
+    /// Figures taken this way are perturbed by the profiler.
+    pub perf_dir: Option<PathBuf>,
 }
 
 impl Options {
@@ -116,6 +120,7 @@ impl Options {
             egg: EggPolicy::Run { install: true },
             results_dir: Some(bench_dir().join("results")),
             verbose: true,
+            perf_dir: None,
         }
     }
 
@@ -141,6 +146,7 @@ impl Options {
             egg: EggPolicy::Run { install: false },
             results_dir: None,
             verbose: false,
+            perf_dir: None,
         }
     }
 
@@ -528,6 +534,10 @@ impl<'a> Bench<'a> {
         let cpu0: Vec<procfs::Cpu> = tree.iter().map(|&p| procfs::cpu(p)).collect();
         let busy0 = procfs::machine_busy_ns();
         let expected = per_receiver * receivers.len() as u64;
+        let perf = match (&self.opts.perf_dir, c.system) {
+            (Some(dir), System::Clutch) => Some(start_perf(dir, c, action)?),
+            _ => None,
+        };
         let t0 = std::time::Instant::now();
         for &s in senders {
             c.command(s, json!({ "cmd": "flood", "id": id, "route": route, "action": action, "count": per_sender }))?;
@@ -538,6 +548,9 @@ impl<'a> Bench<'a> {
         let end = std::time::Instant::now();
         let cpu1: Vec<procfs::Cpu> = tree.iter().map(|&p| procfs::cpu(p)).collect();
         let busy1 = procfs::machine_busy_ns();
+        if let Some(perf) = perf {
+            stop_perf(perf);
+        }
         let (peak, rss_samples) = match sampler {
             Some(s) => {
                 let (p, n) = s.finish();
@@ -1145,6 +1158,41 @@ impl<'a> Bench<'a> {
         }
         json!({ "summary": parts.join("; "), "systems": per })
     }
+}
+
+/// Starts `perf record` on the master; returns once it is attached.
+fn start_perf(dir: &Path, c: &Cluster, action: &str) -> anyhow::Result<std::process::Child> {
+    std::fs::create_dir_all(dir)?;
+    let out = dir.join(format!(
+        "perf-{}-{action}-w{}-{}.data",
+        c.system.key(),
+        c.workers,
+        report::utc_now().replace([' ', ':'], "-")
+    ));
+    let args = std::env::var("BENCH_PERF_ARGS")
+        .unwrap_or_else(|_| "-F 999 --call-graph dwarf,32768".into());
+    let child = Command::new("perf")
+        .arg("record")
+        .args(args.split_whitespace())
+        .arg("-p")
+        .arg(c.master_pid.to_string())
+        .arg("-o")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("start perf record (is perf installed?)")?;
+    // perf needs a moment to attach to the process.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(child)
+}
+
+fn stop_perf(mut perf: std::process::Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(perf.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = perf.wait();
 }
 
 /// Finds node, and installs Egg if allowed; says why not otherwise.
