@@ -16,7 +16,7 @@ use tonic::Status;
 
 use crate::admin::{self, Command, Ops};
 use crate::auth::{self, AdminGate};
-use crate::config::Config;
+use crate::config::{Config, SlowConsumer};
 use crate::events::EventBus;
 use crate::hub::{Hub, Shared};
 use crate::listener::{BindError, Listener};
@@ -560,6 +560,22 @@ impl Cluster<'_> {
             }
             Action::Lost(_) if !self.cluster_ready => {}
             Action::Lost(slot) => return self.restart_later(slot),
+            Action::Stalled(slot) => {
+                let what = self.slot_name(slot);
+                let waited_ms = self.config.flow_wait.as_millis() as u64;
+                match self.config.slow_consumer {
+                    SlowConsumer::Drop => tracing::warn!(
+                        waited_ms,
+                        "{what} is not reading its messages: senders no longer wait for it, and what overflows its mailbox is refused and reported to them"
+                    ),
+                    SlowConsumer::Restart => {
+                        tracing::warn!(waited_ms, "{what} is not reading its messages: restarting it (slow_consumer = \"restart\")");
+                        if self.cluster_ready && !self.intentional.contains_key(&slot) {
+                            self.begin_restart(slot);
+                        }
+                    }
+                }
+            }
             Action::Dropped { slot, full, what } => {
                 self.drops.record(self.shared, slot, full, &what)
             }

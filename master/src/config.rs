@@ -165,6 +165,7 @@ struct ChildFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LimitsFile {
+    slow_consumer: Option<SlowConsumerFile>,
     max_pending_streams: Option<usize>,
     max_action_bytes: Option<usize>,
     max_payload_bytes: Option<usize>,
@@ -192,6 +193,22 @@ struct RestartFile {
     window_ms: Option<u64>,
     on_limit: Option<OnLimitFile>,
     agent_backoff_initial_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum SlowConsumerFile {
+    Drop,
+    Restart,
+}
+
+/// What to do with a receiver that stops reading its messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlowConsumer {
+    /// Refuse what overflows its mailbox and report it to the senders.
+    Drop,
+    /// The same, and restart the process (shutdown notice, SIGTERM, SIGKILL).
+    Restart,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -253,6 +270,8 @@ pub struct Config {
     pub register_timeout: Duration,
     /// How many streams may wait to register at once.
     pub max_pending_streams: usize,
+    /// What to do with a receiver that stops reading.
+    pub slow_consumer: SlowConsumer,
     /// How long each shutdown phase waits before SIGKILL.
     pub shutdown_timeout: Duration,
     /// How long a sender waits on a congested receiver.
@@ -407,6 +426,10 @@ impl Config {
             limits,
             register_timeout: ms("timeouts.register_ms", t.register_ms, 10_000)?,
             max_pending_streams: positive("limits.max_pending_streams", l.max_pending_streams, 64)?,
+            slow_consumer: match l.slow_consumer {
+                None | Some(SlowConsumerFile::Drop) => SlowConsumer::Drop,
+                Some(SlowConsumerFile::Restart) => SlowConsumer::Restart,
+            },
             shutdown_timeout: ms("timeouts.shutdown_ms", t.shutdown_ms, 5_000)?,
             flow_wait: ms("timeouts.flow_ms", t.flow_ms, 500)?,
             agent_start_timeout: ms("timeouts.agent_start_ms", t.agent_start_ms, 30_000)?,

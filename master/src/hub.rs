@@ -101,16 +101,7 @@ impl Shared {
                 return;
             }
             if tokio::time::timeout_at(deadline, room).await.is_err() {
-                let name = {
-                    let mut router = self.lock();
-                    router.stall(slot);
-                    router.slot_name(slot)
-                };
-                tracing::warn!(
-                    receiver = %name,
-                    waited_ms = self.flow_wait.as_millis() as u64,
-                    "receiver is not reading its messages; senders stop waiting for it and its overflow is reported to them"
-                );
+                self.with_router(|r, out| r.stall(slot, out));
                 return;
             }
         }

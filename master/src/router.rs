@@ -97,6 +97,8 @@ pub enum Action {
     StartupFailed(SlotId),
     /// A child ended after the cluster was ready.
     Lost(SlotId),
+    /// A receiver stopped reading: a sender waited for it in vain.
+    Stalled(SlotId),
     /// A frame was refused by a full mailbox (it is counted there too).
     Dropped {
         /// Whose mailbox.
@@ -892,9 +894,14 @@ impl Router {
             || s.mailbox.messages() < self.low_watermark()
     }
 
-    /// A flow-control wait on `slot` timed out: stop waiting for it.
-    pub fn stall(&mut self, slot: SlotId) {
-        self.slots[slot].stalled = true;
+    /// A flow-control wait on `slot` timed out: senders stop waiting for it
+    /// until it drains, and the slow-consumer policy is told (once).
+    pub fn stall(&mut self, slot: SlotId, out: &mut Vec<Action>) {
+        let s = &mut self.slots[slot];
+        if !s.stalled {
+            s.stalled = true;
+            out.push(Action::Stalled(slot));
+        }
     }
 
     fn high_watermark(&self) -> usize {
