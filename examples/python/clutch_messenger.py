@@ -327,7 +327,8 @@ class Messenger:
         self._ready_sent = False
         self._egg_ready = asyncio.Event()
         self._egg_pids: List[int] = []
-        self._closed = asyncio.Event()
+        self._closed = asyncio.Event()  # the stream has ended
+        self._released = asyncio.Event()  # closed() may return
         self._shutdown = asyncio.Event()
         self._grace_ms: Optional[int] = None
         self._shutdown_hooks: List[Callable[[], Any]] = []
@@ -415,8 +416,13 @@ class Messenger:
         return self._grace_ms
 
     async def closed(self) -> None:
-        """Waits until the stream to the master has ended."""
-        await self._closed.wait()
+        """Waits until the stream to the master has ended.
+
+        By default the library ends the process itself then (code 1, or code
+        0 once the shutdown hooks have run), and this never returns: a main
+        that awaits it cannot end the process early with code 0. With
+        ``exit_on_disconnect=False`` it returns when the stream ends."""
+        await self._released.wait()
 
     @property
     def is_closed(self) -> bool:
@@ -429,6 +435,7 @@ class Messenger:
         if self._call is not None:
             self._call.cancel()
         await self._closed.wait()
+        self._released.set()
         if self._channel is not None:
             await self._channel.close()
 
@@ -677,6 +684,7 @@ class Messenger:
                 future.set_exception(DisconnectedError("the connection to the master closed"))
         self._pending.clear()
         if not self._exit_on_disconnect:
+            self._released.set()
             return
         if self._shutdown.is_set():
             # The hooks are still running; the master's SIGTERM ends them if

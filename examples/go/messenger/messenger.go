@@ -235,7 +235,8 @@ type Client struct {
 
 	out    chan *pb.ClientFrame
 	inbox  chan *pb.ServerFrame
-	done   chan struct{}
+	ended  chan struct{} // closed when the stream has ended
+	done   chan struct{} // Done(): closed after ended unless the library exits the process
 	nextID atomic.Uint64
 
 	mu          sync.Mutex
@@ -363,6 +364,7 @@ func ConnectWith(ctx context.Context, opts Options) (*Client, error) {
 		exit:       !opts.KeepRunning,
 		out:        make(chan *pb.ClientFrame, opts.SendBuffer),
 		inbox:      make(chan *pb.ServerFrame, inboxSize),
+		ended:      make(chan struct{}),
 		done:       make(chan struct{}),
 		pending:    map[uint64]chan *pb.SendResult{},
 		eggReadyCh: make(chan struct{}),
@@ -453,7 +455,7 @@ func (c *Client) EggReady(ctx context.Context) error {
 	select {
 	case <-c.eggReadyCh:
 		return nil
-	case <-c.done:
+	case <-c.ended:
 		return ErrDisconnected
 	case <-ctx.Done():
 		return ctx.Err()
@@ -482,7 +484,10 @@ func (c *Client) ShutdownGrace() (time.Duration, bool) {
 	return c.grace, c.noticed
 }
 
-// Done is closed when the stream to the master has ended.
+// Done is closed when the stream to the master has ended. By default the
+// library ends the process itself then (code 1, or code 0 once the shutdown
+// hooks have run), so Done is closed only with Options.KeepRunning; a main
+// that waits on it returns only when the process is not being ended for it.
 func (c *Client) Done() <-chan struct{} { return c.done }
 
 // Close ends the stream from this side (useful with Options.KeepRunning).
@@ -491,7 +496,7 @@ func (c *Client) Close() error {
 	c.exit = false
 	c.mu.Unlock()
 	c.cancel()
-	<-c.done
+	<-c.ended
 	return c.conn.Close()
 }
 
@@ -603,14 +608,14 @@ func failures(r *pb.SendResult) []Undelivered {
 
 func (c *Client) frame(ctx context.Context, f *pb.ClientFrame) error {
 	select {
-	case <-c.done:
+	case <-c.ended:
 		return ErrDisconnected
 	default:
 	}
 	select {
 	case c.out <- f:
 		return nil
-	case <-c.done:
+	case <-c.ended:
 		return ErrDisconnected
 	case <-ctx.Done():
 		return ctx.Err()
@@ -626,7 +631,7 @@ func (c *Client) write() {
 				// The reader sees the stream's end and reports it.
 				return
 			}
-		case <-c.done:
+		case <-c.ended:
 			return
 		}
 	}
@@ -672,7 +677,7 @@ func (c *Client) dispatch() {
 			}
 		}
 		if f == nil {
-			c.ended()
+			c.streamEnded()
 			return
 		}
 		c.handle(d, f)
@@ -862,9 +867,9 @@ func (c *Client) shutdown(grace time.Duration) {
 	}()
 }
 
-func (c *Client) ended() {
+func (c *Client) streamEnded() {
 	c.mu.Lock()
-	close(c.done)
+	close(c.ended)
 	for id, w := range c.pending {
 		close(w)
 		delete(c.pending, id)
@@ -872,8 +877,11 @@ func (c *Client) ended() {
 	noticed, exit := c.noticed, c.exit
 	c.mu.Unlock()
 	if !exit {
+		close(c.done)
 		return
 	}
+	// Done stays open: a main waiting on it must not return (and end the
+	// process with code 0) before the exit below or the shutdown hooks.
 	if noticed {
 		// The hooks are still running; the master's SIGTERM ends them if
 		// they overrun.

@@ -306,16 +306,18 @@ class Messenger {
     return this._graceMs;
   }
 
-  /** Resolves when the stream to the master has ended. */
+  /** Resolves when the stream to the master has ended. By default the
+   * library ends the process itself then (code 1, or code 0 once the shutdown
+   * hooks have run), so this resolves only with `exitOnDisconnect: false`. */
   closed() {
-    if (this._closed) return Promise.resolve();
+    if (this._closed && !this._exitOnDisconnect) return Promise.resolve();
     return new Promise((resolve) => this._closedWaiters.push(resolve));
   }
 
   /** Ends the stream from this side (only useful with `exitOnDisconnect: false`). */
   async close() {
     this._exitOnDisconnect = false;
-    this._call.cancel();
+    if (!this._closed) this._call.cancel();
     await this.closed();
     this._client.close();
   }
@@ -547,8 +549,10 @@ class Messenger {
     for (const w of this._pending.values()) w.reject(gone());
     this._pending.clear();
     for (const w of this._eggReadyWaiters.splice(0)) w.reject(gone());
-    for (const resolve of this._closedWaiters.splice(0)) resolve();
-    if (!this._exitOnDisconnect) return;
+    if (!this._exitOnDisconnect) {
+      for (const resolve of this._closedWaiters.splice(0)) resolve();
+      return;
+    }
     if (this._graceMs !== undefined) {
       // The hooks are still running; the master's SIGTERM ends them if they overrun.
       log('INFO', 'the master closed the stream during shutdown');
