@@ -90,7 +90,11 @@ impl Shared {
 
     /// Waits until `slot` has room, or gives up on it after `flow_wait`.
     async fn wait_for_room(&self, slot: SlotId) {
-        let deadline = tokio::time::Instant::now() + self.flow_wait;
+        // A receiver that keeps draining, however slowly, slows its senders
+        // to its pace (backpressure); one that drains nothing for a whole
+        // `flow_wait` is stuck, and senders stop waiting for it.
+        let mut deadline = tokio::time::Instant::now() + self.flow_wait;
+        let mut drained = self.lock().drained(slot);
         loop {
             let room = self.room[slot].notified();
             tokio::pin!(room);
@@ -101,6 +105,12 @@ impl Shared {
                 return;
             }
             if tokio::time::timeout_at(deadline, room).await.is_err() {
+                let now = self.lock().drained(slot);
+                if now != drained {
+                    drained = now;
+                    deadline = tokio::time::Instant::now() + self.flow_wait;
+                    continue;
+                }
                 self.with_router(|r, out| r.stall(slot, out));
                 return;
             }

@@ -44,25 +44,50 @@ pub struct Bounds {
     pub bytes: usize,
 }
 
-/// Who to tell if a message addressed to one process (`sendTo(pid)`) never
-/// reaches it: such a message must not go to the slot's next process.
+/// Who to tell if a message never reaches its receiver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Pinned {
+pub struct ReplyTo {
     /// The sender's slot.
     pub sender: usize,
     /// The sender's incarnation when it sent.
     pub sender_incarnation: u32,
     /// The sender's id for the send.
     pub send_id: u64,
-    /// The pid it was addressed to.
-    pub pid: u32,
+}
+
+/// A message that will not be delivered, and whom to tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Undeliverable {
+    /// The sender (absent for injected messages: the operator already
+    /// has the reply).
+    pub reply: ReplyTo,
+    /// The message's action.
+    pub action: Arc<str>,
+    /// The pid it was addressed to, for `sendTo(pid)` messages.
+    pub pid: Option<u32>,
 }
 
 #[derive(Debug)]
 struct Entry {
     frame: Outbound,
-    /// Set for `sendTo(pid)` messages.
-    pinned: Option<Pinned>,
+    /// The sender to tell if this message is never handled.
+    reply: Option<ReplyTo>,
+    /// Set for `sendTo(pid)` messages: they belong to that process only,
+    /// and must not go to the slot's next process.
+    pinned: Option<u32>,
+}
+
+impl Entry {
+    fn undeliverable(&self) -> Option<Undeliverable> {
+        match (&self.frame, self.reply) {
+            (Outbound::Message { delivery, .. }, Some(reply)) => Some(Undeliverable {
+                reply,
+                action: delivery.action.clone(),
+                pid: self.pinned,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// The queue itself.
@@ -101,7 +126,8 @@ impl Mailbox {
     pub fn push(
         &mut self,
         mut frame: Outbound,
-        pinned: Option<Pinned>,
+        reply: Option<ReplyTo>,
+        pinned: Option<u32>,
         bounds: Bounds,
     ) -> Result<(), Full> {
         match size(&frame) {
@@ -128,7 +154,11 @@ impl Mailbox {
                 }
             }
         }
-        self.queue.push_back(Entry { frame, pinned });
+        self.queue.push_back(Entry {
+            frame,
+            reply,
+            pinned,
+        });
         Ok(())
     }
 
@@ -171,18 +201,17 @@ impl Mailbox {
     /// next process; frames meant for this process only (control frames and
     /// `sendTo(pid)` messages) are removed, and the pinned ones returned so
     /// their senders can be told.
-    pub fn end_incarnation(&mut self) -> Vec<(Pinned, Arc<str>)> {
+    pub fn end_incarnation(&mut self) -> Vec<Undeliverable> {
         while let Some(entry) = self.unacked.pop_back() {
             self.queue.push_front(entry);
         }
         let mut lost = Vec::new();
         let (mut messages, mut bytes) = (self.messages, self.bytes);
         self.queue.retain(|e| match (&e.frame, e.pinned) {
-            (Outbound::Message { delivery, .. }, Some(p)) => {
-                lost.push((p, delivery.action.clone()));
-                let n = delivery.action.len() + delivery.data.len();
+            (Outbound::Message { delivery, .. }, Some(_)) => {
+                lost.extend(e.undeliverable());
                 messages -= 1;
-                bytes -= n;
+                bytes -= delivery.action.len() + delivery.data.len();
                 false
             }
             (Outbound::Message { .. }, None) => true,
@@ -193,14 +222,21 @@ impl Mailbox {
         lost
     }
 
-    /// Drops everything; returns how many messages were held.
-    pub fn clear(&mut self) -> usize {
+    /// Drops everything; returns how many messages were held, and those
+    /// whose senders should be told.
+    pub fn clear(&mut self) -> (usize, Vec<Undeliverable>) {
         let messages = self.messages;
+        let lost = self
+            .unacked
+            .iter()
+            .chain(&self.queue)
+            .filter_map(Entry::undeliverable)
+            .collect();
         self.queue.clear();
         self.unacked.clear();
         self.messages = 0;
         self.bytes = 0;
-        messages
+        (messages, lost)
     }
 
     /// Frames held (queued and unacked).
@@ -262,9 +298,12 @@ mod tests {
             bytes: 1 << 20,
         };
         let mut m = Mailbox::default();
-        assert_eq!(m.push(msg(0, 1), None, bounds), Ok(()));
-        assert_eq!(m.push(msg(1, 1), None, bounds), Ok(()));
-        assert_eq!(m.push(msg(2, 1), None, bounds), Err(Full::Messages(2)));
+        assert_eq!(m.push(msg(0, 1), None, None, bounds), Ok(()));
+        assert_eq!(m.push(msg(1, 1), None, None, bounds), Ok(()));
+        assert_eq!(
+            m.push(msg(2, 1), None, None, bounds),
+            Err(Full::Messages(2))
+        );
         let mut out = VecDeque::new();
         m.drain_into(&mut out, 10, false);
         assert_eq!(actions(&out), vec![(1, "a0".into()), (2, "a1".into())]);
@@ -279,12 +318,12 @@ mod tests {
             bytes: 10,
         };
         let mut m = Mailbox::default();
-        assert_eq!(m.push(msg(0, 50), None, bounds), Ok(()));
-        assert_eq!(m.push(msg(1, 1), None, bounds), Err(Full::Bytes(10)));
+        assert_eq!(m.push(msg(0, 50), None, None, bounds), Ok(()));
+        assert_eq!(m.push(msg(1, 1), None, None, bounds), Err(Full::Bytes(10)));
         let mut out = VecDeque::new();
         m.drain_into(&mut out, 1, false);
-        assert_eq!(m.push(msg(1, 5), None, bounds), Ok(()));
-        assert_eq!(m.push(msg(2, 5), None, bounds), Err(Full::Bytes(10)));
+        assert_eq!(m.push(msg(1, 5), None, None, bounds), Ok(()));
+        assert_eq!(m.push(msg(2, 5), None, None, bounds), Err(Full::Bytes(10)));
     }
 
     #[test]
@@ -294,12 +333,12 @@ mod tests {
             bytes: 10,
         };
         let mut m = Mailbox::default();
-        assert_eq!(m.push(msg(0, 1), None, bounds), Ok(()));
+        assert_eq!(m.push(msg(0, 1), None, None, bounds), Ok(()));
         for _ in 0..CONTROL_CAPACITY {
-            assert_eq!(m.push(Outbound::EggReady, None, bounds), Ok(()));
+            assert_eq!(m.push(Outbound::EggReady, None, None, bounds), Ok(()));
         }
         assert_eq!(
-            m.push(Outbound::EggReady, None, bounds),
+            m.push(Outbound::EggReady, None, None, bounds),
             Err(Full::Control(CONTROL_CAPACITY))
         );
         assert!(m.end_incarnation().is_empty());
@@ -311,7 +350,7 @@ mod tests {
     fn unacked_messages_count_and_go_to_the_next_process_in_order() {
         let mut m = Mailbox::default();
         for n in 0..5 {
-            m.push(msg(n, 1), None, ROOMY).expect("room");
+            m.push(msg(n, 1), None, None, ROOMY).expect("room");
         }
         let mut out = VecDeque::new();
         m.drain_into(&mut out, 3, true);
@@ -334,20 +373,26 @@ mod tests {
     #[test]
     fn pinned_messages_do_not_outlive_their_process() {
         let mut m = Mailbox::default();
-        let pin = Pinned {
+        let reply = ReplyTo {
             sender: 0,
             sender_incarnation: 1,
             send_id: 7,
-            pid: 42,
         };
-        m.push(msg(0, 3), Some(pin), ROOMY).expect("room");
-        m.push(msg(1, 3), None, ROOMY).expect("room");
-        m.push(msg(2, 3), Some(pin), ROOMY).expect("room");
+        m.push(msg(0, 3), Some(reply), Some(42), ROOMY)
+            .expect("room");
+        m.push(msg(1, 3), Some(reply), None, ROOMY).expect("room");
+        m.push(msg(2, 3), Some(reply), Some(42), ROOMY)
+            .expect("room");
         let mut out = VecDeque::new();
         m.drain_into(&mut out, 1, true);
+        let lost: Vec<(Arc<str>, Option<u32>)> = m
+            .end_incarnation()
+            .into_iter()
+            .map(|u| (u.action, u.pid))
+            .collect();
         assert_eq!(
-            m.end_incarnation(),
-            vec![(pin, Arc::from("a0")), (pin, Arc::from("a2"))]
+            lost,
+            vec![(Arc::from("a0"), Some(42)), (Arc::from("a2"), Some(42))]
         );
         assert_eq!(m.messages(), 1);
         let mut next = VecDeque::new();

@@ -21,7 +21,7 @@ use clutch::{
     Code, Delivery, Identity, Origin, Outbound, Registration, Role, SendResult, Target, Undelivered,
 };
 
-use crate::mailbox::{Bounds, Full, Mailbox, Pinned};
+use crate::mailbox::{Bounds, Full, Mailbox, ReplyTo, Undeliverable};
 
 /// A slot's index: 0 is the agent, `n` is app worker `n`.
 pub type SlotId = usize;
@@ -175,6 +175,9 @@ struct Slot {
     delivered: u64,
     /// Frames refused by this slot's mailbox.
     dropped: u64,
+    /// Frames written to the slot's streams so far: flow control tells a
+    /// slow receiver (this moves) from a stuck one (it does not).
+    drained: u64,
 }
 
 impl Slot {
@@ -245,6 +248,7 @@ impl Router {
             congested: false,
             delivered: 0,
             dropped: 0,
+            drained: 0,
         };
         let mut slots = vec![slot(Role::Agent, 0)];
         slots.extend((1..=workers).map(|id| slot(Role::App, id as u32)));
@@ -329,33 +333,47 @@ impl Router {
     /// messages it never got.
     fn end_incarnation(&mut self, slot: SlotId, out: &mut Vec<Action>) {
         let lost = self.slots[slot].mailbox.end_incarnation();
-        for (pin, action) in lost {
-            let s = &self.slots[slot];
-            let undelivered = Undelivered {
-                code: Code::NotFound,
-                message: format!(
-                    "pid {} ({}) exited before handling the message",
-                    pin.pid,
-                    s.name()
-                ),
-                pid: pin.pid,
-                worker_id: s.worker_id,
-                role: Some(s.role),
+        let name = self.slots[slot].name();
+        for u in lost {
+            let why = format!(
+                "pid {} ({name}) exited before handling the message",
+                u.pid.unwrap_or(0)
+            );
+            self.report(slot, u, Code::NotFound, why, out);
+        }
+    }
+
+    /// Tells the sender of a message that it will not be delivered.
+    fn report(
+        &mut self,
+        slot: SlotId,
+        u: Undeliverable,
+        code: Code,
+        message: String,
+        out: &mut Vec<Action>,
+    ) {
+        let s = &self.slots[slot];
+        let undelivered = Undelivered {
+            code,
+            message,
+            pid: u.pid.or(s.phase.pid()).unwrap_or(0),
+            worker_id: s.worker_id,
+            role: Some(s.role),
+        };
+        let sender = Conn {
+            slot: u.reply.sender,
+            incarnation: u.reply.sender_incarnation,
+        };
+        // A sender that is gone has no one left to tell.
+        if self.current(sender).is_some() {
+            let result = SendResult {
+                id: u.reply.send_id,
+                action: u.action,
+                delivered: 0,
+                held: 0,
+                undelivered: vec![undelivered],
             };
-            let sender = Conn {
-                slot: pin.sender,
-                incarnation: pin.sender_incarnation,
-            };
-            if self.current(sender).is_some() {
-                let result = SendResult {
-                    id: pin.send_id,
-                    action,
-                    delivered: 0,
-                    held: 0,
-                    undelivered: vec![undelivered],
-                };
-                let _ = self.push(pin.sender, Outbound::SendResult(result), None, out);
-            }
+            let _ = self.push(sender.slot, Outbound::SendResult(result), None, None, out);
         }
     }
 
@@ -422,7 +440,7 @@ impl Router {
         });
         if s.role == Role::App {
             let agent = self.agent_pids();
-            let _ = self.push(slot, Outbound::EggPids(agent), None, out);
+            let _ = self.push(slot, Outbound::EggPids(agent), None, None, out);
         }
         if !self.slots[slot].mailbox.is_empty() {
             out.push(Action::Wake(slot));
@@ -459,8 +477,8 @@ impl Router {
                 let pids = self.agent_pids();
                 for app in 1..self.slots.len() {
                     if self.is_attached(app) {
-                        let _ = self.push(app, Outbound::AgentStart { pid }, None, out);
-                        let _ = self.push(app, Outbound::EggPids(pids.clone()), None, out);
+                        let _ = self.push(app, Outbound::AgentStart { pid }, None, None, out);
+                        let _ = self.push(app, Outbound::EggPids(pids.clone()), None, None, out);
                     }
                 }
             }
@@ -496,7 +514,7 @@ impl Router {
         let want_result = req.want_result;
         let result = self.route(from, Some(conn), req, &mut congested, out);
         if want_result || !result.undelivered.is_empty() {
-            let _ = self.push(conn.slot, Outbound::SendResult(result), None, out);
+            let _ = self.push(conn.slot, Outbound::SendResult(result), None, None, out);
         }
         congested
     }
@@ -553,13 +571,13 @@ impl Router {
                     data: req.data,
                     from,
                 };
-                let pinned = match (req.target, sender) {
-                    (Some(Target::Pid(pid)), Some(conn)) => Some(Pinned {
-                        sender: conn.slot,
-                        sender_incarnation: conn.incarnation,
-                        send_id: req.id,
-                        pid,
-                    }),
+                let reply = sender.map(|conn| ReplyTo {
+                    sender: conn.slot,
+                    sender_incarnation: conn.incarnation,
+                    send_id: req.id,
+                });
+                let pinned = match req.target {
+                    Some(Target::Pid(pid)) => Some(pid),
                     _ => None,
                 };
                 for slot in targets {
@@ -582,7 +600,7 @@ impl Router {
                         seq: 0,
                         delivery: delivery.clone(),
                     };
-                    match self.push(slot, frame, pinned, out) {
+                    match self.push(slot, frame, reply, pinned, out) {
                         Ok(()) => {
                             self.slots[slot].delivered += 1;
                             if attached {
@@ -767,15 +785,23 @@ impl Router {
     }
 
     /// The slot passed its restart limit and stays empty: what it held is
-    /// dropped (and counted), and later sends to it are reported UNAVAILABLE.
+    /// dropped, counted and reported to its senders as UNAVAILABLE, and so
+    /// are later sends to it.
     /// Returns how many held messages were dropped.
     pub fn fail(&mut self, slot: SlotId, out: &mut Vec<Action>) -> usize {
         self.end_incarnation(slot, out);
         let s = &mut self.slots[slot];
         let pid = s.phase.pid().unwrap_or(0);
         s.phase = Phase::Failed { pid };
-        let dropped = s.mailbox.clear();
+        let (dropped, lost) = s.mailbox.clear();
         s.dropped += dropped as u64;
+        let why = format!(
+            "{} failed (it passed its restart limit) before handling the message",
+            s.name()
+        );
+        for u in lost {
+            self.report(slot, u, Code::Unavailable, why.clone(), out);
+        }
         dropped
     }
 
@@ -789,7 +815,7 @@ impl Router {
             _ => return None,
         };
         if self.is_attached(slot) {
-            let _ = self.push(slot, Outbound::Shutdown { grace_ms }, None, out);
+            let _ = self.push(slot, Outbound::Shutdown { grace_ms }, None, None, out);
         }
         Some(pid)
     }
@@ -832,7 +858,7 @@ impl Router {
                 continue;
             }
             if self.is_attached(slot) {
-                let _ = self.push(slot, Outbound::Shutdown { grace_ms }, None, out);
+                let _ = self.push(slot, Outbound::Shutdown { grace_ms }, None, None, out);
             }
             match self.slots[slot].phase {
                 Phase::Exited { .. } | Phase::Failed { .. } | Phase::Idle => {}
@@ -855,13 +881,12 @@ impl Router {
         let Some(s) = self.current(conn) else {
             return false;
         };
-        if !matches!(s.phase, Phase::Attached { .. }) {
-            return false;
-        }
         let Phase::Attached { acks, .. } = s.phase else {
             return false;
         };
+        let before = buf.len();
         s.mailbox.drain_into(buf, max, acks);
+        s.drained += (buf.len() - before) as u64;
         self.relieve(conn.slot, low, out);
         true
     }
@@ -884,6 +909,11 @@ impl Router {
             s.congested = false;
             out.push(Action::Relieved(slot));
         }
+    }
+
+    /// Frames written to `slot`'s streams so far.
+    pub fn drained(&self, slot: SlotId) -> u64 {
+        self.slots[slot].drained
     }
 
     /// Whether a sender waiting on `slot` for flow control may go on.
@@ -925,7 +955,7 @@ impl Router {
     fn send_egg_ready(&mut self, slot: SlotId, out: &mut Vec<Action>) {
         if !self.slots[slot].egg_ready_sent && self.slots[slot].phase.is_ready() {
             self.slots[slot].egg_ready_sent = true;
-            let _ = self.push(slot, Outbound::EggReady, None, out);
+            let _ = self.push(slot, Outbound::EggReady, None, None, out);
         }
     }
 
@@ -946,7 +976,7 @@ impl Router {
                 .filter(|s| s.phase.is_ready())
                 .filter_map(|s| s.phase.pid())
                 .collect();
-            let _ = self.push(AGENT, Outbound::EggPids(pids), None, out);
+            let _ = self.push(AGENT, Outbound::EggPids(pids), None, None, out);
         }
     }
 
@@ -957,7 +987,7 @@ impl Router {
             _ => {
                 for app in 1..self.slots.len() {
                     if self.is_attached(app) {
-                        let _ = self.push(app, Outbound::EggPids(Arc::from([])), None, out);
+                        let _ = self.push(app, Outbound::EggPids(Arc::from([])), None, None, out);
                     }
                 }
             }
@@ -971,7 +1001,8 @@ impl Router {
         &mut self,
         slot: SlotId,
         frame: Outbound,
-        pinned: Option<Pinned>,
+        reply: Option<ReplyTo>,
+        pinned: Option<u32>,
         out: &mut Vec<Action>,
     ) -> Result<(), Full> {
         let bounds = self.limits.mailbox;
@@ -983,7 +1014,7 @@ impl Router {
             _ => None,
         };
         let kind = frame_kind(&frame);
-        match s.mailbox.push(frame, pinned, bounds) {
+        match s.mailbox.push(frame, reply, pinned, bounds) {
             Ok(()) => {
                 if attached && was_empty {
                     out.push(Action::Wake(slot));
