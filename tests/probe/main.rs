@@ -40,6 +40,7 @@
 //! | `PROBE_HANG_INCARNATIONS` | which incarnations of `PROBE_HANG_WORKER` hang; unset: every one |
 //! | `PROBE_SYNC_REPORTS` | `1`: write every event to the control socket synchronously, inside the message handler (see below) |
 //! | `PROBE_SHUTDOWN_DELAY_MS` | how long the `on_shutdown` hook takes: `200` for every process, or `1=200,2=200` per worker id |
+//! | `PROBE_APP_GATE` | a file path: app workers wait for it to exist before they connect to the master (lets a test keep slots unregistered for as long as it needs) |
 //! | `PROBE_STAY_ON_DISCONNECT` | `1`: do not exit when the stream to the master breaks (a stuck child; only the kernel's parent-death signal or the controller ends it) |
 //!
 //! Incarnation sets (`*_INCARNATIONS`) are comma-separated items, each `N`
@@ -453,6 +454,14 @@ async fn run() -> anyhow::Result<()> {
         }
         Ok(options)
     };
+    if let (Ok(gate), "app") = (std::env::var("PROBE_APP_GATE"), role.as_str()) {
+        // A test-only gate: the test creates the file when the app workers
+        // may register. Polling a file is fine here; the test itself waits
+        // on events.
+        while !std::path::Path::new(&gate).exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
     let face = match role.as_str() {
         "agent" => Face::Agent(
             agent_sdk::Agent::connect_with(options(Role::Agent)?)
