@@ -1,0 +1,1 @@
+//! Reliability end-to-end tests (being written).
