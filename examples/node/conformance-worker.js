@@ -140,6 +140,22 @@ async function main() {
     if (!confirm) report({ event: 'sent', id: cmdId, ok: true, count });
   }
 
+  // Counts a high-volume action's messages here, checking their `seq`, so
+  // that a flood needs no report per message.
+  const tallies = new Map();
+  function tally(action) {
+    const t = { count: 0, in_order: true, first_out_of_order: null };
+    tallies.set(action, t);
+    m.on(action, (data) => {
+      const seq = data !== null && typeof data === 'object' ? data.seq : undefined;
+      if (seq !== t.count && t.in_order) {
+        t.in_order = false;
+        t.first_out_of_order = { index: t.count, data };
+      }
+      t.count += 1;
+    });
+  }
+
   async function execute(cmd) {
     try {
       switch (cmd.op) {
@@ -155,6 +171,15 @@ async function main() {
           watch(cmd.action, cmd.op);
           report({ event: 'subscribed', id: cmd.id, action: cmd.action, handler: cmd.op });
           break;
+        case 'tally':
+          tally(cmd.action);
+          report({ event: 'subscribed', id: cmd.id, action: cmd.action, handler: 'tally' });
+          break;
+        case 'tally-report': {
+          const t = tallies.get(cmd.action) || { count: 0, in_order: true, first_out_of_order: null };
+          report({ event: 'tally', id: cmd.id, action: cmd.action, ...t });
+          break;
+        }
         case 'state': {
           const ident = m.identity;
           report({

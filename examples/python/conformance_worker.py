@@ -160,6 +160,12 @@ async def main() -> None:
         elif op in ("on", "once"):
             watch(cmd["action"], op)
             report({"event": "subscribed", "id": cmd.get("id"), "action": cmd["action"], "handler": op})
+        elif op == "tally":
+            tally(cmd["action"])
+            report({"event": "subscribed", "id": cmd.get("id"), "action": cmd["action"], "handler": "tally"})
+        elif op == "tally-report":
+            t = tallies.get(cmd["action"], {"count": 0, "in_order": True, "first_out_of_order": None})
+            report({"event": "tally", "id": cmd.get("id"), "action": cmd["action"], **t})
         elif op == "state":
             ident = m.identity
             report(
@@ -181,6 +187,21 @@ async def main() -> None:
             os._exit(int(cmd.get("code", 0)))
         else:
             report({"event": "error", "id": cmd.get("id"), "message": f"unknown op {op!r}"})
+
+    tallies: dict = {}
+
+    def tally(action: str) -> None:
+        t = tallies.setdefault(action, {"count": 0, "in_order": True, "first_out_of_order": None})
+
+        def count(msg: clutch.Message) -> None:
+            data = msg.data
+            seq = data.get("seq") if isinstance(data, dict) else None
+            if seq != t["count"] and t["in_order"]:
+                t["in_order"] = False
+                t["first_out_of_order"] = {"index": t["count"], "data": data}
+            t["count"] += 1
+
+        m.on(action, count)
 
     async def executor() -> None:
         while True:

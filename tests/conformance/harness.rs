@@ -63,6 +63,8 @@ pub struct Spec {
     pub workers_manual_ready: bool,
     /// The workers reach the master through a TCP proxy that the test can cut.
     pub proxy: bool,
+    /// Raw TOML appended to `cluster.toml` (e.g. a `[limits]` table).
+    pub extra_toml: String,
 }
 
 /// One thing a process observed or did.
@@ -144,15 +146,24 @@ impl Cluster {
         let control = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the controller listener");
-        let control_addr = control.local_addr().expect("controller address").to_string();
+        let control_addr = control
+            .local_addr()
+            .expect("controller address")
+            .to_string();
         let addr_file = dir.path().join("addr");
 
         let (cut, _) = watch::channel(0u64);
         let mut tasks = Vec::new();
         let proxy_addr = if spec.proxy {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+            let listener = TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind the proxy");
             let addr = listener.local_addr().expect("proxy address").to_string();
-            tasks.push(tokio::spawn(proxy(listener, addr_file.clone(), cut.clone())));
+            tasks.push(tokio::spawn(proxy(
+                listener,
+                addr_file.clone(),
+                cut.clone(),
+            )));
             Some(addr)
         } else {
             None
@@ -188,7 +199,14 @@ impl Cluster {
         let config = dir.path().join("cluster.toml");
         std::fs::write(
             &config,
-            cluster_toml(spec.workers.len(), &addr_file, &agent_env, &script, &app_env),
+            cluster_toml(
+                spec.workers.len(),
+                &addr_file,
+                &agent_env,
+                &script,
+                &app_env,
+            ) + "\n"
+                + &spec.extra_toml,
         )
         .expect("write cluster.toml");
 
@@ -222,7 +240,11 @@ impl Cluster {
 
         let (events_tx, events) = mpsc::unbounded_channel();
         let agent = Arc::new(Mutex::new(None));
-        tasks.push(tokio::spawn(accept_agent(control, events_tx, agent.clone())));
+        tasks.push(tokio::spawn(accept_agent(
+            control,
+            events_tx,
+            agent.clone(),
+        )));
 
         Cluster {
             dir,
@@ -399,7 +421,10 @@ impl Cluster {
             .await;
         let report = self.sent(0, probe_id, 1).await.remove(0);
         if report["ok"] != true {
-            self.fail(&format!("the command for {} did not reach it: {report}", name(at)));
+            self.fail(&format!(
+                "the command for {} did not reach it: {report}",
+                name(at)
+            ));
         }
         id
     }
@@ -423,7 +448,10 @@ impl Cluster {
             self.sent(from, id, 1).await.remove(0)
         };
         if report["ok"] != true {
-            self.fail(&format!("the barrier broadcast from {} failed: {report}", name(from)));
+            self.fail(&format!(
+                "the barrier broadcast from {} failed: {report}",
+                name(from)
+            ));
         }
         let all = self.all();
         self.wait_until(&format!("barrier {token} at every process"), |h| {
@@ -478,7 +506,9 @@ impl Cluster {
             }
             match tokio::time::timeout_at(until, lines.changed()).await {
                 Ok(Ok(())) => {}
-                _ => self.fail(&format!("timed out after {DEADLINE:?} waiting for {what} in the master's log")),
+                _ => self.fail(&format!(
+                    "timed out after {DEADLINE:?} waiting for {what} in the master's log"
+                )),
             }
         }
     }
@@ -500,7 +530,9 @@ impl Cluster {
                 return;
             }
             if Instant::now() >= until {
-                self.fail(&format!("cluster processes still running {DEADLINE:?} later: {live:?}"));
+                self.fail(&format!(
+                    "cluster processes still running {DEADLINE:?} later: {live:?}"
+                ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -592,7 +624,10 @@ impl Drop for Cluster {
         if !exited(&self.exit_cell, Duration::ZERO) {
             let _ = kill(pid(self.master_pid), Signal::SIGTERM);
             if !exited(&self.exit_cell, STOP_GRACE) {
-                eprintln!("warning: master {} ignored SIGTERM; sending SIGKILL", self.master_pid);
+                eprintln!(
+                    "warning: master {} ignored SIGTERM; sending SIGKILL",
+                    self.master_pid
+                );
                 let _ = kill(pid(self.master_pid), Signal::SIGKILL);
                 exited(&self.exit_cell, STOP_GRACE);
             }
@@ -631,14 +666,19 @@ fn sh_quote(word: &str) -> String {
 fn dispatch_script(workers: &[(Lang, Launch)], proxy: Option<&str>) -> String {
     let mut script = String::new();
     if let Some(addr) = proxy {
-        script.push_str(&format!("CLUTCH_ADDR={}; export CLUTCH_ADDR\n", sh_quote(addr)));
+        script.push_str(&format!(
+            "CLUTCH_ADDR={}; export CLUTCH_ADDR\n",
+            sh_quote(addr)
+        ));
     }
     script.push_str("case \"$CLUTCH_WORKER_ID\" in\n");
     for (i, (_, launch)) in workers.iter().enumerate() {
         let argv: Vec<String> = launch.argv.iter().map(|a| sh_quote(a)).collect();
         script.push_str(&format!("  {}) exec {} ;;\n", i + 1, argv.join(" ")));
     }
-    script.push_str("  *) echo \"conformance: no worker for slot $CLUTCH_WORKER_ID\" >&2; exit 3 ;;\nesac\n");
+    script.push_str(
+        "  *) echo \"conformance: no worker for slot $CLUTCH_WORKER_ID\" >&2; exit 3 ;;\nesac\n",
+    );
     script
 }
 
@@ -714,13 +754,20 @@ fn tagged_processes(tag: &str) -> Vec<u32> {
     };
     let mut found = Vec::new();
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
             continue;
         };
-        if environ.split(|&b| b == 0).any(|var| var == needle.as_bytes()) {
+        if environ
+            .split(|&b| b == 0)
+            .any(|var| var == needle.as_bytes())
+        {
             found.push(pid);
         }
     }

@@ -83,7 +83,10 @@ pub fn prepare(lang: Lang) -> Prepared {
         OnceLock::new(),
         OnceLock::new(),
     ];
-    let i = Lang::ALL.iter().position(|&l| l == lang).expect("a known language");
+    let i = Lang::ALL
+        .iter()
+        .position(|&l| l == lang)
+        .expect("a known language");
     CELLS[i]
         .get_or_init(|| {
             let started = std::time::Instant::now();
@@ -175,7 +178,14 @@ fn python() -> Result<Prepared, String> {
     let target = cached(&root.join(format!("packages-{key}")), |tmp| {
         say("installing the Python packages (grpcio, grpcio-tools) into .deps/python (first run only)");
         run(Command::new("python3")
-            .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--quiet"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--no-input",
+                "--quiet",
+            ])
             .arg("--target")
             .arg(tmp)
             .arg("-r")
@@ -221,14 +231,21 @@ fn node() -> Result<Prepared, String> {
     let manifest = read(&dir.join("package.json"))?;
     let lock = read(&dir.join("package-lock.json"))?;
     let key = hash(&[manifest.as_slice(), lock.as_slice(), version.as_bytes()]);
-    let packages = cached(&deps().join("node").join(format!("packages-{key}")), |tmp| {
-        say("installing the Node packages (@grpc/grpc-js, @grpc/proto-loader) into .deps/node (first run only)");
-        std::fs::write(tmp.join("package.json"), &manifest).map_err(|e| e.to_string())?;
-        std::fs::write(tmp.join("package-lock.json"), &lock).map_err(|e| e.to_string())?;
-        run(Command::new("npm")
-            .current_dir(tmp)
-            .args(["ci", "--no-audit", "--no-fund", "--ignore-scripts", "--loglevel=error"]))
-    })?;
+    let packages = cached(
+        &deps().join("node").join(format!("packages-{key}")),
+        |tmp| {
+            say("installing the Node packages (@grpc/grpc-js, @grpc/proto-loader) into .deps/node (first run only)");
+            std::fs::write(tmp.join("package.json"), &manifest).map_err(|e| e.to_string())?;
+            std::fs::write(tmp.join("package-lock.json"), &lock).map_err(|e| e.to_string())?;
+            run(Command::new("npm").current_dir(tmp).args([
+                "ci",
+                "--no-audit",
+                "--no-fund",
+                "--ignore-scripts",
+                "--loglevel=error",
+            ]))
+        },
+    )?;
     Ok(Prepared::Ready(Launch {
         argv: vec!["node".into(), path_str(&dir.join("conformance-worker.js"))],
         env: vec![("NODE_PATH".into(), path_str(&packages.join("node_modules")))],
@@ -252,7 +269,11 @@ fn go() -> Result<Prepared, String> {
         return Ok(Prepared::Skipped("go".into()));
     };
     let root = deps().join("go");
-    let tools_key = hash(&[PROTOC_GEN_GO.as_bytes(), PROTOC_GEN_GO_GRPC.as_bytes(), version.as_bytes()]);
+    let tools_key = hash(&[
+        PROTOC_GEN_GO.as_bytes(),
+        PROTOC_GEN_GO_GRPC.as_bytes(),
+        version.as_bytes(),
+    ]);
     let tools = cached(&root.join(format!("tools-{tools_key}")), |tmp| {
         say("installing protoc-gen-go and protoc-gen-go-grpc into .deps/go (first run only)");
         for tool in [PROTOC_GEN_GO, PROTOC_GEN_GO_GRPC] {
@@ -347,7 +368,8 @@ fn probe(program: &str, args: &[&str]) -> Option<String> {
     if !out.status.success() {
         return None;
     }
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     Some(text.lines().next().unwrap_or("").trim().to_owned())
 }
 
@@ -384,7 +406,11 @@ fn cached(dir: &Path, make: impl FnOnce(&Path) -> Result<(), String>) -> Result<
         // Another run made it first; use theirs.
         let _ = std::fs::remove_dir_all(&tmp);
         if !dir.is_dir() {
-            return Err(format!("cannot move {} to {}", tmp.display(), dir.display()));
+            return Err(format!(
+                "cannot move {} to {}",
+                tmp.display(),
+                dir.display()
+            ));
         }
     }
     Ok(dir.to_owned())
@@ -427,10 +453,15 @@ fn run(cmd: &mut Command) -> Result<(), String> {
             return Err(format!("{what} took longer than {STEP_TIMEOUT:?}"));
         }
     };
-    let (out, err) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
+    let (out, err) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
     if status.success() {
         Ok(())
     } else {
-        Err(format!("{what} failed ({status})\n--- stdout ---\n{out}\n--- stderr ---\n{err}"))
+        Err(format!(
+            "{what} failed ({status})\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
+        ))
     }
 }

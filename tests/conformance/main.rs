@@ -65,7 +65,10 @@ fn launch(lang: Lang, scenario: &str) -> Option<langs::Launch> {
 /// Runs one scenario file with every worker in `lang`.
 async fn run(lang: Lang, file: &str) {
     let scenario = scenario::load(&scenarios_dir().join(file));
-    assert!(!scenario.mixed, "{file} is a mixed scenario: list it in mixed!");
+    assert!(
+        !scenario.mixed,
+        "{file} is a mixed scenario: list it in mixed!"
+    );
     if let Some(launch) = launch(lang, file) {
         scenario::play(&scenario, Workers::One(lang, launch)).await;
     }
@@ -74,7 +77,10 @@ async fn run(lang: Lang, file: &str) {
 /// Runs one scenario file with one worker per language.
 async fn run_mixed(file: &str) {
     let scenario = scenario::load(&scenarios_dir().join(file));
-    assert!(scenario.mixed, "{file} is not a mixed scenario: list it in scenarios!");
+    assert!(
+        scenario.mixed,
+        "{file} is not a mixed scenario: list it in scenarios!"
+    );
     let mut workers = Vec::new();
     for lang in Lang::ALL {
         match launch(lang, file) {
@@ -149,6 +155,7 @@ scenarios! {
     lost_master_connection => "lost-master-connection.toml",
     json_round_trip => "json-round-trip.json",
     empty_payload_is_null => "empty-payload-is-null.toml",
+    many_messages_are_acknowledged => "many-messages-acknowledged.toml",
 }
 
 mixed! {
@@ -163,13 +170,25 @@ mixed! {
 fn every_scenario_file_is_listed_and_parses() {
     let mut on_disk: Vec<String> = std::fs::read_dir(scenarios_dir())
         .expect("read tests/conformance/scenarios")
-        .map(|e| e.expect("a dir entry").file_name().to_string_lossy().into_owned())
+        .map(|e| {
+            e.expect("a dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
         .filter(|n| n.ends_with(".toml") || n.ends_with(".json"))
         .collect();
     on_disk.sort();
-    let mut listed: Vec<String> = SCENARIOS.iter().chain(MIXED).map(|s| s.to_string()).collect();
+    let mut listed: Vec<String> = SCENARIOS
+        .iter()
+        .chain(MIXED)
+        .map(|s| s.to_string())
+        .collect();
     listed.sort();
-    assert_eq!(on_disk, listed, "scenario files on disk vs listed in main.rs");
+    assert_eq!(
+        on_disk, listed,
+        "scenario files on disk vs listed in main.rs"
+    );
     for file in SCENARIOS {
         let s = scenario::load(&scenarios_dir().join(file));
         assert!(!s.mixed, "{file}: a mixed scenario listed in scenarios!");
@@ -185,8 +204,20 @@ fn every_scenario_file_is_listed_and_parses() {
 fn json_equality_is_exact_for_integers_and_numeric_for_floats() {
     use serde_json::json;
     assert!(scenario::json_eq(&json!(1.0), &json!(1)));
-    assert!(scenario::json_eq(&json!(9007199254740993u64), &json!(9007199254740993u64)));
-    assert!(!scenario::json_eq(&json!(9007199254740993u64), &json!(9007199254740992u64)));
-    assert!(!scenario::json_eq(&json!({"a": 1}), &json!({"a": 1, "b": 2})));
-    assert!(scenario::json_eq(&json!([{"a": [null, "é"]}]), &json!([{"a": [null, "é"]}])));
+    assert!(scenario::json_eq(
+        &json!(9007199254740993u64),
+        &json!(9007199254740993u64)
+    ));
+    assert!(!scenario::json_eq(
+        &json!(9007199254740993u64),
+        &json!(9007199254740992u64)
+    ));
+    assert!(!scenario::json_eq(
+        &json!({"a": 1}),
+        &json!({"a": 1, "b": 2})
+    ));
+    assert!(scenario::json_eq(
+        &json!([{"a": [null, "é"]}]),
+        &json!([{"a": [null, "é"]}])
+    ));
 }

@@ -7,6 +7,9 @@
 //! `CLUTCH_CONFORMANCE_RUST_WORKER=1`, and that test function hands control
 //! to [`main`], which never returns (the SDK ends the process).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use worker_sdk::{Message, Receipt, SendError, Target, Worker};
@@ -15,6 +18,29 @@ const COMMAND: &str = "conformance.command";
 const EVENT: &str = "conformance.event";
 
 type Reports = mpsc::UnboundedSender<Value>;
+
+/// Counts of a high-volume action's messages, checked in the worker so that
+/// a flood needs no report per message: count, in order, first out of order.
+type Tallies = Arc<Mutex<HashMap<String, (u64, bool, Value)>>>;
+
+fn tally(w: &Worker, tallies: &Tallies, action: &str) {
+    tallies
+        .lock()
+        .expect("tallies")
+        .insert(action.to_owned(), (0, true, Value::Null));
+    let tallies = tallies.clone();
+    let name = action.to_owned();
+    w.on(action, move |m| {
+        let data = m.json::<Value>().unwrap_or(Value::Null);
+        let mut all = tallies.lock().expect("tallies");
+        let t = all.get_mut(&name).expect("registered");
+        if data["seq"].as_u64() != Some(t.0) && t.1 {
+            t.1 = false;
+            t.2 = json!({ "index": t.0, "data": data });
+        }
+        t.0 += 1;
+    });
+}
 
 /// Runs the worker and exits the process.
 pub fn main() -> ! {
@@ -41,9 +67,9 @@ pub fn main() -> ! {
 }
 
 fn message_event(m: &Message, handler: &str) -> Value {
-    let data = m.json::<Value>().unwrap_or_else(|e| {
-        json!({ "decode_error": e.to_string(), "raw": String::from_utf8_lossy(&m.data) })
-    });
+    let data = m.json::<Value>().unwrap_or_else(
+        |e| json!({ "decode_error": e.to_string(), "raw": String::from_utf8_lossy(&m.data) }),
+    );
     json!({
         "event": "message",
         "handler": handler,
@@ -57,7 +83,9 @@ fn message_event(m: &Message, handler: &str) -> Value {
 
 fn sent_event(id: &Value, result: Result<Receipt, SendError>) -> Value {
     match result {
-        Ok(r) => json!({ "event": "sent", "id": id, "ok": true, "delivered": r.delivered, "held": r.held }),
+        Ok(r) => {
+            json!({ "event": "sent", "id": id, "ok": true, "delivered": r.delivered, "held": r.held })
+        }
         // The canonical gRPC number, from the SDK's own error.
         Err(e) => json!({
             "event": "sent",
@@ -117,7 +145,11 @@ async fn run() -> anyhow::Result<()> {
         let r = reports.clone();
         worker.on_undelivered(move |result| {
             let codes: Vec<i32> = result.undelivered.iter().map(|u| u.code as i32).collect();
-            let messages: Vec<&str> = result.undelivered.iter().map(|u| u.message.as_str()).collect();
+            let messages: Vec<&str> = result
+                .undelivered
+                .iter()
+                .map(|u| u.message.as_str())
+                .collect();
             let _ = r.send(json!({
                 "event": "undelivered",
                 "action": &*result.action,
@@ -171,9 +203,10 @@ async fn run() -> anyhow::Result<()> {
     {
         let w = worker.clone();
         let reports = reports.clone();
+        let tallies = Tallies::default();
         tokio::spawn(async move {
             while let Some(command) = commands_rx.recv().await {
-                execute(&w, &reports, command).await;
+                execute(&w, &reports, &tallies, command).await;
             }
         });
     }
@@ -187,7 +220,7 @@ async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn execute(w: &Worker, reports: &Reports, cmd: Value) {
+async fn execute(w: &Worker, reports: &Reports, tallies: &Tallies, cmd: Value) {
     let id = cmd["id"].clone();
     let report = |v: Value| {
         let _ = reports.send(v);
@@ -202,6 +235,30 @@ async fn execute(w: &Worker, reports: &Reports, cmd: Value) {
             let action = cmd["action"].as_str().unwrap_or("");
             watch(w, reports, action, if op == "once" { "once" } else { "on" });
             report(json!({ "event": "subscribed", "id": id, "action": action, "handler": op }));
+        }
+        "tally" => {
+            let action = cmd["action"].as_str().unwrap_or("");
+            tally(w, tallies, action);
+            report(
+                json!({ "event": "subscribed", "id": id, "action": action, "handler": "tally" }),
+            );
+        }
+        "tally-report" => {
+            let action = cmd["action"].as_str().unwrap_or("");
+            let (count, in_order, first) = tallies
+                .lock()
+                .expect("tallies")
+                .get(action)
+                .cloned()
+                .unwrap_or((0, true, Value::Null));
+            report(json!({
+                "event": "tally",
+                "id": id,
+                "action": action,
+                "count": count,
+                "in_order": in_order,
+                "first_out_of_order": first,
+            }));
         }
         "state" => {
             let ident = w.identity();
@@ -219,7 +276,9 @@ async fn execute(w: &Worker, reports: &Reports, cmd: Value) {
             }));
         }
         "exit" => std::process::exit(cmd["code"].as_i64().unwrap_or(0) as i32),
-        other => report(json!({ "event": "error", "id": id, "message": format!("unknown op {other:?}") })),
+        other => report(
+            json!({ "event": "error", "id": id, "message": format!("unknown op {other:?}") }),
+        ),
     }
 }
 
@@ -240,11 +299,15 @@ async fn send(w: &Worker, reports: &Reports, cmd: &Value) {
         "random" => Target::Random,
         "pid" => Target::Pid(pid),
         other => {
-            report(json!({ "event": "error", "id": id, "message": format!("unknown route {other:?}") }));
+            report(
+                json!({ "event": "error", "id": id, "message": format!("unknown route {other:?}") }),
+            );
             return;
         }
     };
-    let raw = cmd["raw"].as_str().map(|s| bytes::Bytes::from(s.to_owned()));
+    let raw = cmd["raw"]
+        .as_str()
+        .map(|s| bytes::Bytes::from(s.to_owned()));
     for i in 0..count {
         let data = if cmd["seq"] == true {
             json!({ "seq": i, "data": cmd["data"] })

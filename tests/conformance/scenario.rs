@@ -54,6 +54,9 @@ pub struct Scenario {
     /// The workers reach the master through a proxy that `cut_connections` cuts.
     #[serde(default)]
     pub proxy: bool,
+    /// Raw TOML appended to the cluster's configuration (e.g. `[limits]`).
+    #[serde(default)]
+    pub cluster_toml: String,
     /// Named lists of payloads, for `payloads_from` in steps.
     #[serde(default)]
     pub data_sets: BTreeMap<String, Vec<Value>>,
@@ -110,6 +113,16 @@ pub enum Step {
         who: String,
         action: String,
         handler: String,
+    },
+    /// Workers count the messages of a (high-volume) action themselves,
+    /// checking their `seq`, instead of reporting each one.
+    Tally { who: Vec<String>, action: String },
+    /// Asks each listed worker for its tally of an action: this many
+    /// messages, in order. The request travels behind the messages from the
+    /// agent, so it is answered after they are handled.
+    ExpectTally {
+        action: String,
+        counts: BTreeMap<String, u64>,
     },
     /// Waits for a fire-and-forget failure report at a worker.
     ExpectUndelivered {
@@ -367,9 +380,13 @@ pub async fn play(scenario: &Scenario, workers: Workers) {
         agent_manual_ready: scenario.agent_manual_ready,
         workers_manual_ready: scenario.workers_manual_ready,
         proxy: scenario.proxy,
+        extra_toml: scenario.cluster_toml.clone(),
     })
     .await;
-    c.set_label(format!("scenario: {} [{}]", scenario.name, scenario.contract));
+    c.set_label(format!(
+        "scenario: {} [{}]",
+        scenario.name, scenario.contract
+    ));
     let mut player = Player {
         dead: BTreeMap::new(),
         data_sets: scenario.data_sets.clone(),
@@ -490,7 +507,9 @@ impl Player {
                     .map(ToString::to_string)
                     .collect();
                 if !missing.is_empty() {
-                    c.fail(&format!("step {n}: {kind} events without {has:?}: {missing:?}"));
+                    c.fail(&format!(
+                        "step {n}: {kind} events without {has:?}: {missing:?}"
+                    ));
                 }
             }
             Step::ExpectEggPids { who, pids, every } => {
@@ -583,7 +602,11 @@ impl Player {
                     }
                 }
                 if !problems.is_empty() {
-                    c.fail(&format!("step {n}: {}'s state: {}", expect.who, problems.join("; ")));
+                    c.fail(&format!(
+                        "step {n}: {}'s state: {}",
+                        expect.who,
+                        problems.join("; ")
+                    ));
                 }
             }
             Step::Subscribe {
@@ -600,17 +623,50 @@ impl Player {
                 })
                 .await;
             }
+            Step::Tally { who, action } => {
+                for w in who {
+                    let at = Self::who(c, w);
+                    let id = c
+                        .worker_command(at, json!({ "op": "tally", "action": action }))
+                        .await;
+                    c.wait_for(&format!("{w} tallying {action}"), |e| {
+                        e.at == at && e.kind() == "subscribed" && e.body["id"] == id
+                    })
+                    .await;
+                }
+            }
+            Step::ExpectTally { action, counts } => {
+                for (w, &want) in counts {
+                    let at = Self::who(c, w);
+                    let id = c
+                        .worker_command(at, json!({ "op": "tally-report", "action": action }))
+                        .await;
+                    let tally = c
+                        .wait_for(&format!("{w}'s tally of {action}"), |e| {
+                            e.at == at && e.kind() == "tally" && e.body["id"] == id
+                        })
+                        .await;
+                    if tally.body["count"] != json!(want) || tally.body["in_order"] != true {
+                        c.fail(&format!(
+                            "step {n}: {w} should have {want} {action:?} messages in order: {tally}"
+                        ));
+                    }
+                }
+            }
             Step::ExpectUndelivered { who, action, code } => {
                 let at = Self::who(c, who);
                 let want = code_number(code)
                     .unwrap_or_else(|| c.fail(&format!("step {n}: unknown code {code:?}")));
                 let event = c
-                    .wait_for(&format!("an undelivered report of {action} at {who}"), |e| {
-                        e.at == at && e.kind() == "undelivered" && e.body["action"] == *action
-                    })
+                    .wait_for(
+                        &format!("an undelivered report of {action} at {who}"),
+                        |e| e.at == at && e.kind() == "undelivered" && e.body["action"] == *action,
+                    )
                     .await;
                 if event.body["codes"] != json!([want]) {
-                    c.fail(&format!("step {n}: want codes [{want}] ({code}), got {event}"));
+                    c.fail(&format!(
+                        "step {n}: want codes [{want}] ({code}), got {event}"
+                    ));
                 }
             }
             Step::Exit { who, code } => {
@@ -625,13 +681,16 @@ impl Player {
             }
             Step::WaitEggPidsWithout { pid } => {
                 let gone = u64::from(self.pid(c, pid).await);
-                c.wait_for(&format!("the agent's egg-pids without {pid} ({gone})"), |e| {
-                    e.at == 0
-                        && e.kind() == "egg-pids"
-                        && e.body["pids"]
-                            .as_array()
-                            .is_some_and(|a| !a.iter().any(|p| p.as_u64() == Some(gone)))
-                })
+                c.wait_for(
+                    &format!("the agent's egg-pids without {pid} ({gone})"),
+                    |e| {
+                        e.at == 0
+                            && e.kind() == "egg-pids"
+                            && e.body["pids"]
+                                .as_array()
+                                .is_some_and(|a| !a.iter().any(|p| p.as_u64() == Some(gone)))
+                    },
+                )
                 .await;
             }
             Step::WaitRestarted { who } => {
@@ -664,7 +723,9 @@ impl Player {
             Step::ExpectMasterExit { code } => {
                 let status = c.master_exit().await;
                 if status.code() != Some(*code) {
-                    c.fail(&format!("step {n}: the master should exit with {code}, not {status}"));
+                    c.fail(&format!(
+                        "step {n}: the master should exit with {code}, not {status}"
+                    ));
                 }
             }
             Step::ExpectExitCodes { codes } => {
@@ -725,7 +786,9 @@ impl Player {
             (Some(p), None) => p.clone(),
             (None, Some(set)) => self.data_set(c, set, n),
             (None, None) => vec![data],
-            (Some(_), Some(_)) => c.fail(&format!("step {n}: payloads and payloads_from both given")),
+            (Some(_), Some(_)) => {
+                c.fail(&format!("step {n}: payloads and payloads_from both given"))
+            }
         };
         let mut reports = Vec::new();
         for payload in payloads {
@@ -740,7 +803,9 @@ impl Player {
             });
             if let Some(raw) = &s.raw {
                 if from == 0 {
-                    c.fail(&format!("step {n}: the agent (the probe) cannot send raw bytes"));
+                    c.fail(&format!(
+                        "step {n}: the agent (the probe) cannot send raw bytes"
+                    ));
                 }
                 op["raw"] = json!(raw);
             }
@@ -823,7 +888,9 @@ impl Player {
             (Some(p), None) => Some(p.clone()),
             (None, Some(set)) => Some(self.data_set(c, set, n)),
             (None, None) => None,
-            (Some(_), Some(_)) => c.fail(&format!("step {n}: payloads and payloads_from both given")),
+            (Some(_), Some(_)) => {
+                c.fail(&format!("step {n}: payloads and payloads_from both given"))
+            }
         };
         if let Some(total) = x.total {
             if !x.counts.is_empty() {
@@ -904,7 +971,9 @@ impl Player {
                             "step {n}: {} got {:?} #{i} with data\n  {payload}\nwant\n  {}",
                             name(at),
                             x.action,
-                            payloads.get(i).map_or("(no more)".to_owned(), Value::to_string)
+                            payloads
+                                .get(i)
+                                .map_or("(no more)".to_owned(), Value::to_string)
                         ));
                     }
                 }
@@ -948,12 +1017,15 @@ impl Player {
         let among: Vec<u32> = x.among.iter().map(|w| Self::who(c, w)).collect();
         let action = x.action.clone();
         let inside = among.clone();
-        c.wait_until(&format!("step {n}: {total} {action:?} messages among {:?}", x.among), |h| {
-            h.iter()
-                .filter(|e| inside.contains(&e.at) && e.is_message(&action))
-                .count()
-                >= total
-        })
+        c.wait_until(
+            &format!("step {n}: {total} {action:?} messages among {:?}", x.among),
+            |h| {
+                h.iter()
+                    .filter(|e| inside.contains(&e.at) && e.is_message(&action))
+                    .count()
+                    >= total
+            },
+        )
         .await;
         let per: Vec<usize> = c
             .all()

@@ -22,6 +22,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"sync"
 
 	"google.golang.org/grpc/status"
 
@@ -167,8 +168,50 @@ func main() {
 	<-m.Done()
 }
 
+// tally counts a high-volume action's messages in the worker, checking their
+// "seq", so that a flood needs no report per message. Only the dispatcher
+// (handlers) and the command goroutine touch it, under mu.
+type tally struct {
+	mu              sync.Mutex
+	count           int
+	inOrder         bool
+	firstOutOfOrder any
+}
+
+var tallies sync.Map // action -> *tally
+
+func startTally(m *messenger.Client, action string) {
+	t := &tally{inOrder: true}
+	tallies.Store(action, t)
+	m.On(action, func(msg *messenger.Message) {
+		var data struct {
+			Seq *int `json:"seq"`
+		}
+		_ = msg.Decode(&data)
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		if (data.Seq == nil || *data.Seq != t.count) && t.inOrder {
+			t.inOrder = false
+			t.firstOutOfOrder = map[string]any{"index": t.count, "data": string(msg.Data)}
+		}
+		t.count++
+	})
+}
+
 func execute(ctx context.Context, m *messenger.Client, cmd command, report func(event), watch func(string, string)) {
 	switch cmd.Op {
+	case "tally":
+		startTally(m, cmd.Action)
+		report(event{"event": "subscribed", "id": cmd.ID, "action": cmd.Action, "handler": "tally"})
+	case "tally-report":
+		e := event{"event": "tally", "id": cmd.ID, "action": cmd.Action, "count": 0, "in_order": true, "first_out_of_order": nil}
+		if v, ok := tallies.Load(cmd.Action); ok {
+			t := v.(*tally)
+			t.mu.Lock()
+			e["count"], e["in_order"], e["first_out_of_order"] = t.count, t.inOrder, t.firstOutOfOrder
+			t.mu.Unlock()
+		}
+		report(e)
 	case "ready":
 		if err := m.Ready(ctx); err != nil {
 			report(event{"event": "error", "id": cmd.ID, "message": err.Error()})
