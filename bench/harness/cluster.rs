@@ -134,7 +134,17 @@ impl Cluster {
                     clutch_toml(workers, &dir.path().join("addr"), &programs.child),
                 )
                 .context("write cluster.toml")?;
-                let mut cmd = Command::new(&programs.master);
+                // BENCH_MASTER_WRAPPER (e.g. "valgrind --tool=callgrind") runs
+                // the master under a tool; its pid stays the master's.
+                let wrapper = master_wrapper();
+                let mut cmd = match wrapper.split_first() {
+                    Some((tool, args)) => {
+                        let mut cmd = Command::new(tool);
+                        cmd.args(args).arg(&programs.master);
+                        cmd
+                    }
+                    None => Command::new(&programs.master),
+                };
                 cmd.arg("--config").arg(&config).env("NO_COLOR", "1");
                 cmd
             }
@@ -453,6 +463,16 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// `BENCH_MASTER_WRAPPER`, split on whitespace: a tool to run Clutch's
+/// master under (profiling only).
+pub fn master_wrapper() -> Vec<String> {
+    std::env::var("BENCH_MASTER_WRAPPER")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A port that was free a moment ago (for Egg's HTTP listener).

@@ -538,6 +538,14 @@ impl<'a> Bench<'a> {
             (Some(dir), System::Clutch) => Some(start_perf(dir, c, action)?),
             _ => None,
         };
+        // Under callgrind (BENCH_MASTER_WRAPPER), count only the flood.
+        let callgrind = c.system == System::Clutch
+            && cluster::master_wrapper()
+                .iter()
+                .any(|a| a.contains("callgrind"));
+        if callgrind {
+            callgrind_control("-z", c.master_pid);
+        }
         let t0 = std::time::Instant::now();
         for &s in senders {
             c.command(s, json!({ "cmd": "flood", "id": id, "route": route, "action": action, "count": per_sender }))?;
@@ -550,6 +558,9 @@ impl<'a> Bench<'a> {
         let busy1 = procfs::machine_busy_ns();
         if let Some(perf) = perf {
             stop_perf(perf);
+        }
+        if callgrind {
+            callgrind_control("-d", c.master_pid);
         }
         let (peak, rss_samples) = match sampler {
             Some(s) => {
@@ -1160,6 +1171,17 @@ impl<'a> Bench<'a> {
     }
 }
 
+/// `callgrind_control -z` (zero the counters) or `-d` (dump them) on a
+/// process running under callgrind.
+fn callgrind_control(op: &str, pid: u32) {
+    let _ = Command::new("callgrind_control")
+        .arg(op)
+        .arg(pid.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
 /// Starts `perf record` on the master; returns once it is attached.
 fn start_perf(dir: &Path, c: &Cluster, action: &str) -> anyhow::Result<std::process::Child> {
     std::fs::create_dir_all(dir)?;
@@ -1294,16 +1316,19 @@ fn command_output(cmd: &str, args: &[&str]) -> Option<String> {
 
 fn versions(programs: &Programs, egg: bool) -> Value {
     let mut v = serde_json::Map::new();
-    let commit = command_output(
-        "git",
-        &[
-            "-C",
-            &bench_dir().display().to_string(),
-            "rev-parse",
-            "--short",
-            "HEAD",
-        ],
-    );
+    // BENCH_CLUTCH_COMMIT names the source when it is not a git checkout.
+    let commit = std::env::var("BENCH_CLUTCH_COMMIT").ok().or_else(|| {
+        command_output(
+            "git",
+            &[
+                "-C",
+                &bench_dir().display().to_string(),
+                "rev-parse",
+                "--short",
+                "HEAD",
+            ],
+        )
+    });
     let dirty = command_output(
         "git",
         &[
