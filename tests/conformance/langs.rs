@@ -131,6 +131,12 @@ pub fn say(line: &str) {
     let _ = writeln!(err, "conformance: {line}");
 }
 
+/// Like [`say`], with the line starting with the text itself (for SKIPPED).
+pub fn shout(line: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{line}");
+}
+
 fn path_str(p: &Path) -> String {
     p.display().to_string()
 }

@@ -39,7 +39,7 @@ fn scenarios_dir() -> PathBuf {
 
 /// Reports a language that cannot run here; fails under CLUTCH_REQUIRE_ALL_LANGUAGES=1.
 fn skip(lang: Lang, toolchain: &str, scenario: &str) {
-    langs::say(&format!(
+    langs::shout(&format!(
         "SKIPPED: {toolchain} not found — the {} part of the conformance suite did not run ({scenario})",
         lang.name()
     ));
