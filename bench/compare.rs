@@ -56,6 +56,9 @@ struct Cli {
     /// Do not run Egg.
     #[arg(long)]
     no_egg: bool,
+    /// Skip the start with Python app workers.
+    #[arg(long)]
+    no_python: bool,
     /// Do not install egg with npm if bench/egg/node_modules is missing.
     #[arg(long)]
     no_install: bool,
@@ -115,6 +118,9 @@ fn main() {
     }
     if let Some(ms) = cli.settle_ms {
         opts.settle = Duration::from_millis(ms);
+    }
+    if cli.no_python {
+        opts.python_start = false;
     }
     if let Some(dir) = cli.perf {
         opts.perf_dir = Some(dir);

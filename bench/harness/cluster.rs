@@ -116,6 +116,21 @@ impl Cluster {
         programs: &Programs,
         timeout: Duration,
     ) -> anyhow::Result<Cluster> {
+        Cluster::start_with(system, workers, programs, timeout, None).await
+    }
+
+    /// Like [`Cluster::start`]; with `apps`, Clutch's app workers are that
+    /// program instead of the bench child (e.g. the Python example worker).
+    /// Such workers do not report to the harness, so the start ends at the
+    /// agent's `egg-ready`, which the master sends to every process at once
+    /// when the barrier passes.
+    pub async fn start_with(
+        system: System,
+        workers: u32,
+        programs: &Programs,
+        timeout: Duration,
+        apps: Option<&Launch>,
+    ) -> anyhow::Result<Cluster> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("clutch-bench-{}-", system.key()))
             .tempdir()
@@ -131,7 +146,7 @@ impl Cluster {
                 let config = dir.path().join("cluster.toml");
                 std::fs::write(
                     &config,
-                    clutch_toml(workers, &dir.path().join("addr"), &programs.child),
+                    clutch_toml(workers, &dir.path().join("addr"), &programs.child, apps),
                 )
                 .context("write cluster.toml")?;
                 // BENCH_MASTER_WRAPPER (e.g. "valgrind --tool=callgrind") runs
@@ -206,7 +221,8 @@ impl Cluster {
             stopped: false,
         };
         let mut last = spawned;
-        for w in 0..=workers {
+        let reporting = if apps.is_some() { 0 } else { workers };
+        for w in 0..=reporting {
             let e = cluster
                 .take(&format!("egg-ready from worker {w}"), timeout, |e| {
                     e.worker_id == w && e.kind() == "egg-ready"
@@ -216,7 +232,7 @@ impl Cluster {
         }
         cluster.start_ms = last.duration_since(spawned).as_secs_f64() * 1e3;
         cluster.master_reported_start_ms = cluster.logged_start_ms();
-        let missing: Vec<u32> = (0..=workers)
+        let missing: Vec<u32> = (0..=reporting)
             .filter(|w| !cluster.procs.lock().unwrap().contains_key(w))
             .collect();
         if !missing.is_empty() {
@@ -483,13 +499,41 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// The cluster's configuration: Egg's defaults (limits, timeouts) stay the
 /// master's defaults; only the children are ours.
-fn clutch_toml(workers: u32, addr_file: &Path, child: &Path) -> String {
+fn clutch_toml(workers: u32, addr_file: &Path, child: &Path, apps: Option<&Launch>) -> String {
     let q = |s: &str| serde_json::to_string(s).expect("a string encodes as JSON");
+    let child = q(&child.display().to_string());
+    let app = match apps {
+        None => format!("[app]\ncommand = {child}\n"),
+        Some(l) => {
+            let args: Vec<String> = l.argv.iter().skip(1).map(|a| q(a)).collect();
+            let env: Vec<String> = l
+                .env
+                .iter()
+                .map(|(k, v)| format!("{} = {}", q(k), q(v)))
+                .collect();
+            format!(
+                "[app]\ncommand = {}\nargs = [{}]\nenv = {{ {} }}\n",
+                q(l.argv.first().map(String::as_str).unwrap_or("")),
+                args.join(", "),
+                env.join(", ")
+            )
+        }
+    };
     format!(
-        "listen = \"127.0.0.1:0\"\nworkers = {workers}\naddr_file = {addr}\n\n[agent]\ncommand = {child}\n\n[app]\ncommand = {child}\n",
+        "listen = \"127.0.0.1:0\"\nworkers = {workers}\naddr_file = {addr}\n\n[agent]\ncommand = {child}\n\n{app}",
         addr = q(&addr_file.display().to_string()),
-        child = q(&child.display().to_string()),
     )
+}
+
+/// A program to run as Clutch's app workers instead of the bench child.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    /// Command and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
+    /// What it is, for the report.
+    pub label: String,
 }
 
 /// Keeps the last lines of one of the master's pipes.

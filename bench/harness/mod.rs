@@ -91,6 +91,10 @@ pub struct Options {
     pub results_dir: Option<PathBuf>,
     /// Progress lines on stderr.
     pub verbose: bool,
+    /// Also time Clutch's start with the Python example worker as the app
+    /// workers (needs the packages the conformance suite installs into
+    /// `.deps/python`).
+    pub python_start: bool,
     /// Record the Clutch master with `perf record` during every flood, into
     /// this directory (`BENCH_PERF_ARGS` overrides the sampling options).
     /// Figures taken this way are perturbed by the profiler.
@@ -120,6 +124,7 @@ impl Options {
             egg: EggPolicy::Run { install: true },
             results_dir: Some(bench_dir().join("results")),
             verbose: true,
+            python_start: true,
             perf_dir: None,
         }
     }
@@ -146,6 +151,7 @@ impl Options {
             egg: EggPolicy::Run { install: false },
             results_dir: None,
             verbose: false,
+            python_start: false,
             perf_dir: None,
         }
     }
@@ -212,6 +218,8 @@ struct Bench<'a> {
     /// Share of a core used outside the measured processes during floods.
     other_share: Vec<f64>,
     counted: [(u64, u64, u64, u64, u64); 2],
+    /// The Python example worker, or why it cannot run.
+    python: Result<cluster::Launch, String>,
 }
 
 fn sys_index(s: System) -> usize {
@@ -258,6 +266,11 @@ async fn run_async(opts: &Options) -> anyhow::Result<Report> {
         cpu: Vec::new(),
         other_share: Vec::new(),
         counted: [(0, 0, 0, 0, 0); 2],
+        python: if opts.python_start {
+            python_workers()
+        } else {
+            Err("not selected".into())
+        },
     };
 
     for run in 0..opts.runs {
@@ -287,6 +300,11 @@ async fn run_async(opts: &Options) -> anyhow::Result<Report> {
                     b.scenario(Scenario::Scale(w), sys, run).await;
                 }
             }
+        }
+    }
+    if b.python.is_ok() && systems.contains(&System::Clutch) {
+        for run in 0..opts.runs {
+            b.scenario(Scenario::StartPython, System::Clutch, run).await;
         }
     }
     if opts.large_fanin_factor > 1 && systems.contains(&System::Clutch) {
@@ -383,6 +401,8 @@ enum Scenario {
     FanIn(u64),
     RoundTrip,
     Start,
+    /// Clutch's start with Python app workers.
+    StartPython,
     /// Fan-out at this many workers, for master CPU per delivery.
     Scale(u32),
 }
@@ -446,6 +466,7 @@ impl<'a> Bench<'a> {
             Scenario::FanIn(factor) => self.fanin(sys, run, factor).await,
             Scenario::RoundTrip => self.rtt(sys, run).await,
             Scenario::Start => self.start_only(sys, run).await,
+            Scenario::StartPython => self.start_python(run).await,
             Scenario::Scale(w) => self.scale(sys, run, w).await,
         };
         if let Err(e) = result {
@@ -848,6 +869,49 @@ impl<'a> Bench<'a> {
         self.stop(c).await
     }
 
+    async fn start_python(&mut self, run: usize) -> anyhow::Result<()> {
+        let Ok(launch) = self.python.clone() else {
+            return Ok(());
+        };
+        let w = self.opts.start_workers;
+        let c = Cluster::start_with(
+            System::Clutch,
+            w,
+            &self.programs,
+            self.start_timeout(w),
+            Some(&launch),
+        )
+        .await?;
+        progress!(
+            self.opts,
+            "bench: clutch start to egg-ready with {w} Python app workers, run {}: {:.1} ms",
+            run + 1,
+            c.start_ms
+        );
+        self.rec
+            .add(System::Clutch, &format!("start_ms_python_w{w}"), c.start_ms);
+        tokio::time::sleep(self.opts.settle).await;
+        let agent = c.proc(0).ok().map(|a| a.pid);
+        let apps: Vec<f64> = procfs::tree(c.master_pid)
+            .into_iter()
+            .filter(|&p| p != c.master_pid && Some(p) != agent)
+            .filter_map(|p| procfs::memory(p).map(|m| m.rss as f64 / MIB))
+            .collect();
+        if !apps.is_empty() {
+            self.rec.add(
+                System::Clutch,
+                "idle_rss_python_app",
+                apps.iter().sum::<f64>() / apps.len() as f64,
+            );
+        }
+        self.rec.runs.push(json!({
+            "system": "clutch", "scenario": "start, Python app workers", "run": run + 1,
+            "workers": w, "start_ms": c.start_ms, "master_logged_start_ms": c.master_reported_start_ms,
+            "apps": launch.label,
+        }));
+        self.stop(c).await
+    }
+
     async fn scale(&mut self, sys: System, run: usize, w: u32) -> anyhow::Result<()> {
         let mut c = self.start(sys, w, run).await?;
         let n = (self.opts.scale_deliveries / u64::from(w)).max(1);
@@ -1114,6 +1178,34 @@ impl<'a> Bench<'a> {
             None,
             egg_note(Some("includes loading the Egg framework")),
         ));
+        let python_note = self.python.as_ref().err().map(|e| format!("not run: {e}"));
+        let mut r = row(
+            &self.rec,
+            &format!("start_ms_python_w{}", o.start_workers),
+            format!(
+                "start to egg-ready, {} Python app workers (examples/python, work in progress) + Rust agent",
+                o.start_workers
+            ),
+            Unit::Millis,
+            Better::Lower,
+            None,
+            None,
+            egg_note(Some("Egg has no Python workers")),
+        );
+        r.clutch_note = python_note.clone();
+        rows.push(r);
+        let mut r = row(
+            &self.rec,
+            "idle_rss_python_app",
+            "idle RSS: one Python app worker".into(),
+            Unit::MiB,
+            Better::Lower,
+            None,
+            None,
+            egg_note(Some("Egg has no Python workers")),
+        );
+        r.clutch_note = python_note;
+        rows.push(r);
         rows.push(row(
             &self.rec,
             "stop_ms",
@@ -1215,6 +1307,52 @@ fn stop_perf(mut perf: std::process::Child) {
         nix::sys::signal::Signal::SIGINT,
     );
     let _ = perf.wait();
+}
+
+/// The Python example worker with the packages and generated code the
+/// conformance suite prepared in `.deps/python` (the newest complete set).
+fn python_workers() -> Result<cluster::Launch, String> {
+    let repo = bench_dir().join("..");
+    let worker = repo.join("examples/python/worker.py");
+    if !worker.exists() {
+        return Err("examples/python/worker.py is missing".into());
+    }
+    if command_output("python3", &["--version"]).is_none() {
+        return Err("python3 is not installed".into());
+    }
+    let deps = repo.join(".deps/python");
+    let entries = std::fs::read_dir(&deps).map_err(|_| {
+        "no .deps/python: run the conformance suite once to install the Python packages".to_string()
+    })?;
+    let mut sets: Vec<(std::time::SystemTime, PathBuf, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let key = name.strip_prefix("packages-")?.to_owned();
+            let gen = deps.join(format!("gen-{key}"));
+            let modified = e.metadata().ok()?.modified().ok()?;
+            gen.is_dir().then(|| (modified, e.path(), gen))
+        })
+        .collect();
+    sets.sort();
+    let Some((_, packages, gen)) = sets.pop() else {
+        return Err(
+            "no complete package set in .deps/python (run the conformance suite once)".into(),
+        );
+    };
+    let pythonpath = [packages, gen, repo.join("examples/python")]
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    Ok(cluster::Launch {
+        argv: vec!["python3".into(), worker.display().to_string()],
+        env: vec![
+            ("PYTHONPATH".into(), pythonpath),
+            ("PYTHONDONTWRITEBYTECODE".into(), "1".into()),
+        ],
+        label: "python3 examples/python/worker.py".into(),
+    })
 }
 
 /// Finds node, and installs Egg if allowed; says why not otherwise.

@@ -138,6 +138,8 @@ pub struct Row {
     pub egg: Option<Stat>,
     /// Why the Egg cell is empty, or what it includes.
     pub egg_note: Option<String>,
+    /// Why the Clutch cell is empty.
+    pub clutch_note: Option<String>,
     /// How many times better Clutch's median is than Egg's (>1: Clutch is better).
     pub clutch_advantage: Option<f64>,
     pub goal: Option<Goal>,
@@ -207,6 +209,7 @@ pub fn row(
         clutch,
         egg,
         egg_note,
+        clutch_note: None,
         clutch_advantage,
         goal,
         issue_egg,
@@ -321,7 +324,7 @@ impl Report {
             out.push_str(&format!(
                 "| {} | {} | {} | {} | {} |\n",
                 r.label,
-                cell(&r.clutch, r.unit, None),
+                cell(&r.clutch, r.unit, r.clutch_note.as_deref()),
                 cell(&r.egg, r.unit, r.egg_note.as_deref()),
                 adv,
                 goal
