@@ -338,6 +338,21 @@ struct Cluster<'a> {
 }
 
 impl Cluster<'_> {
+    /// Emits a lifecycle event about one process.
+    fn slot_event(
+        &self,
+        kind: &'static str,
+        slot: SlotId,
+        pid: u32,
+        incarnation: u32,
+        message: String,
+    ) {
+        self.events
+            .emit(kind, Some(role_of(slot)), slot as u32, pid, message, |e| {
+                e.incarnation = incarnation
+            });
+    }
+
     fn slot_name(&self, slot: SlotId) -> String {
         self.shared.with_router(|r, _| r.slot_name(slot))
     }
@@ -375,14 +390,7 @@ impl Cluster<'_> {
         self.live.insert(slot, pid);
         self.spawned_at.insert(slot, Instant::now());
         self.backoff[slot].started(Instant::now());
-        self.events.emit(
-            "spawned",
-            Some(role),
-            slot as u32,
-            pid,
-            format!("launched {what}"),
-            |e| e.incarnation = incarnation,
-        );
+        self.slot_event("spawned", slot, pid, incarnation, format!("launched {what}"));
         self.after(
             start_timeout,
             Timer::StartDeadline {
@@ -470,38 +478,17 @@ impl Cluster<'_> {
                 pid,
                 incarnation,
             } => {
-                self.events.emit(
-                    "registered",
-                    Some(role_of(slot)),
-                    slot as u32,
-                    pid,
-                    "registered".into(),
-                    |e| e.incarnation = incarnation,
-                );
+                self.slot_event("registered", slot, pid, incarnation, "registered".into());
             }
             Action::Ready {
                 slot,
                 pid,
                 incarnation,
             } => {
-                self.events.emit(
-                    "ready",
-                    Some(role_of(slot)),
-                    slot as u32,
-                    pid,
-                    "ready".into(),
-                    |e| e.incarnation = incarnation,
-                );
+                self.slot_event("ready", slot, pid, incarnation, "ready".into());
                 if self.cluster_ready {
                     // A restarted process gets its own egg-ready from the router.
-                    self.events.emit(
-                        "egg-ready",
-                        Some(role_of(slot)),
-                        slot as u32,
-                        pid,
-                        "egg-ready".into(),
-                        |e| e.incarnation = incarnation,
-                    );
+                    self.slot_event("egg-ready", slot, pid, incarnation, "egg-ready".into());
                 }
                 self.reload_progress(slot, pid);
             }
