@@ -180,6 +180,20 @@ async function main() {
           report({ event: 'tally', id: cmd.id, action: cmd.action, ...t });
           break;
         }
+        case 'connect': {
+          // A second registration, expected to be refused: the code comes
+          // from the library's ConnectError.
+          const secret = cmd.secret === 'own' ? process.env.CLUTCH_SECRET : cmd.secret ?? '';
+          try {
+            const other = await clutch.connect({ secret, role: cmd.role ?? 'app', exitOnDisconnect: false });
+            await other.close();
+            report({ event: 'connect', id: cmd.id, ok: true });
+          } catch (e) {
+            if (!(e instanceof clutch.ConnectError)) throw e;
+            report({ event: 'connect', id: cmd.id, ok: false, code: e.code ?? null, code_name: e.codeName ?? null, message: e.message });
+          }
+          break;
+        }
         case 'state': {
           const ident = m.identity;
           report({

@@ -166,6 +166,26 @@ async def main() -> None:
         elif op == "tally-report":
             t = tallies.get(cmd["action"], {"count": 0, "in_order": True, "first_out_of_order": None})
             report({"event": "tally", "id": cmd.get("id"), "action": cmd["action"], **t})
+        elif op == "connect":
+            # A second registration, expected to be refused: the code comes
+            # from the library's ConnectError.
+            secret = os.environ["CLUTCH_SECRET"] if cmd.get("secret") == "own" else cmd.get("secret", "")
+            try:
+                other = await clutch.connect(secret=secret, role=cmd.get("role", "app"), exit_on_disconnect=False)
+            except clutch.ConnectError as e:
+                report(
+                    {
+                        "event": "connect",
+                        "id": cmd.get("id"),
+                        "ok": False,
+                        "code": e.code.value[0] if e.code is not None else None,
+                        "code_name": e.code.name if e.code is not None else None,
+                        "message": str(e),
+                    }
+                )
+            else:
+                await other.close()
+                report({"event": "connect", "id": cmd.get("id"), "ok": True})
         elif op == "state":
             ident = m.identity
             report(

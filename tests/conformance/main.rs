@@ -156,6 +156,7 @@ scenarios! {
     json_round_trip => "json-round-trip.json",
     empty_payload_is_null => "empty-payload-is-null.toml",
     many_messages_are_acknowledged => "many-messages-acknowledged.toml",
+    registration_refused => "registration-refused.toml",
 }
 
 mixed! {

@@ -236,6 +236,44 @@ async fn execute(w: &Worker, reports: &Reports, tallies: &Tallies, cmd: Value) {
             watch(w, reports, action, if op == "once" { "once" } else { "on" });
             report(json!({ "event": "subscribed", "id": id, "action": action, "handler": op }));
         }
+        "connect" => {
+            // A second registration, expected to be refused: the code comes
+            // from the SDK's ConnectError.
+            let secret = match cmd["secret"].as_str() {
+                Some("own") => std::env::var(clutch::env::SECRET).unwrap_or_default(),
+                other => other.unwrap_or("").to_owned(),
+            };
+            let role = if cmd["role"] == "agent" {
+                clutch::Role::Agent
+            } else {
+                clutch::Role::App
+            };
+            let options = clutch::ConnectOptions {
+                addr: std::env::var(clutch::env::ADDR).unwrap_or_default(),
+                secret,
+                role,
+                exit_on_disconnect: false,
+                acks: true,
+                send_buffer: 16,
+            };
+            match clutch::Client::connect(options).await {
+                Ok(_) => report(json!({ "event": "connect", "id": id, "ok": true })),
+                Err(e) => {
+                    let code = match &e {
+                        clutch::ConnectError::Rejected { code, .. } => Some(*code),
+                        _ => None,
+                    };
+                    report(json!({
+                        "event": "connect",
+                        "id": id,
+                        "ok": false,
+                        "code": code.map(i32::from),
+                        "code_name": code.map(|c| format!("{c:?}")),
+                        "message": e.to_string(),
+                    }));
+                }
+            }
+        }
         "tally" => {
             let action = cmd["action"].as_str().unwrap_or("");
             tally(w, tallies, action);

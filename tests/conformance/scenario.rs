@@ -69,6 +69,10 @@ fn two() -> u32 {
     2
 }
 
+fn app() -> String {
+    "app".to_owned()
+}
+
 /// One step of a scenario.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "do", rename_all = "snake_case", deny_unknown_fields)]
@@ -123,6 +127,15 @@ pub enum Step {
     ExpectTally {
         action: String,
         counts: BTreeMap<String, u64>,
+    },
+    /// A worker registers a second time with this secret ("own": its own,
+    /// already used) and role; the library must refuse with `code`.
+    ExpectConnectRefused {
+        who: String,
+        secret: String,
+        #[serde(default = "app")]
+        role: String,
+        code: String,
     },
     /// Waits for a fire-and-forget failure report at a worker.
     ExpectUndelivered {
@@ -651,6 +664,28 @@ impl Player {
                             "step {n}: {w} should have {want} {action:?} messages in order: {tally}"
                         ));
                     }
+                }
+            }
+            Step::ExpectConnectRefused {
+                who,
+                secret,
+                role,
+                code,
+            } => {
+                let at = Self::who(c, who);
+                let want = code_number(code)
+                    .unwrap_or_else(|| c.fail(&format!("step {n}: unknown code {code:?}")));
+                let op = json!({ "op": "connect", "secret": secret, "role": role });
+                let id = c.worker_command(at, op).await;
+                let answer = c
+                    .wait_for(&format!("{who}'s second registration"), |e| {
+                        e.at == at && e.kind() == "connect" && e.body["id"] == id
+                    })
+                    .await;
+                if answer.body["ok"] != false || report_code(&answer.body) != Some(want) {
+                    c.fail(&format!(
+                        "step {n}: {who} registering with secret {secret:?} as {role} should be refused with {code}: {answer}"
+                    ));
                 }
             }
             Step::ExpectUndelivered { who, action, code } => {

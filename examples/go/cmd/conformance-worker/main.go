@@ -48,6 +48,8 @@ type command struct {
 	Seq     bool            `json:"seq"`
 	Confirm *bool           `json:"confirm"`
 	Code    int             `json:"code"`
+	Secret  string          `json:"secret"`
+	Role    string          `json:"role"`
 }
 
 func messageEvent(msg *messenger.Message, handler string) event {
@@ -223,6 +225,25 @@ func execute(ctx context.Context, m *messenger.Client, cmd command, report func(
 	case "on", "once":
 		watch(cmd.Action, cmd.Op)
 		report(event{"event": "subscribed", "id": cmd.ID, "action": cmd.Action, "handler": cmd.Op})
+	case "connect":
+		// A second registration, expected to be refused: the code comes from
+		// the library's error (status.Code).
+		secret := cmd.Secret
+		if secret == "own" {
+			secret = os.Getenv("CLUTCH_SECRET")
+		}
+		role := cmd.Role
+		if role == "" {
+			role = "app"
+		}
+		other, err := messenger.ConnectWith(ctx, messenger.Options{Secret: secret, Role: role, KeepRunning: true})
+		if err != nil {
+			code := status.Code(err)
+			report(event{"event": "connect", "id": cmd.ID, "ok": false, "code": uint32(code), "code_name": code.String(), "message": err.Error()})
+			return
+		}
+		_ = other.Close()
+		report(event{"event": "connect", "id": cmd.ID, "ok": true})
 	case "state":
 		id := m.Identity()
 		report(event{
