@@ -563,7 +563,10 @@ class Messenger:
                 if isinstance(frame, _End):
                     end = frame
                     break
-                self._handle(frame)
+                try:
+                    self._handle(frame)
+                except Exception:  # noqa: BLE001 - a bad frame must not stop dispatch
+                    log.exception("cannot handle a frame from the master")
         finally:
             self._on_closed(end.error if end else None)
 

@@ -163,6 +163,7 @@ mixed! {
     broadcast_reaches_every_language => "mixed-broadcast.json",
     every_language_talks_to_every_other => "mixed-send-to-pid.toml",
     shutdown_notice_in_every_language => "mixed-shutdown.toml",
+    egg_ready_waits_for_every_language => "mixed-egg-ready.toml",
 }
 
 /// Every scenario file is listed above (so none is silently not run), and

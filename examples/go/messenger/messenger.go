@@ -336,12 +336,16 @@ func ConnectWith(ctx context.Context, opts Options) (*Client, error) {
 		return fail(fmt.Errorf("clutch: cannot register: %w", err))
 	}
 	first, err := stream.Recv()
-	timer.Stop()
-	stop()
-	if err != nil {
-		if ctx.Err() != nil {
-			return fail(ctx.Err())
-		}
+	// Both must be disarmed: either one firing from now on would cancel
+	// the stream.
+	timedOut := !timer.Stop()
+	cancelled := !stop()
+	switch {
+	case cancelled:
+		return fail(ctx.Err())
+	case timedOut:
+		return fail(fmt.Errorf("clutch: no answer from the master at %s within %s", opts.Addr, opts.Timeout))
+	case err != nil:
 		return fail(fmt.Errorf("clutch: the master refused the registration: %w", err))
 	}
 	w := first.GetWelcome()
