@@ -25,6 +25,9 @@ struct Cli {
     /// Runs per scenario (default: 5; smoke: 1).
     #[arg(long)]
     runs: Option<usize>,
+    /// App workers in the main scenarios (default 2, as in the issue).
+    #[arg(long)]
+    workers: Option<u32>,
     /// Messages in the agent → apps flood (default 1,000,000).
     #[arg(long)]
     fanout_messages: Option<u64>,
@@ -93,6 +96,9 @@ fn main() {
     opts.command = command.join(" ");
     if let Some(r) = cli.runs {
         opts.runs = r.max(1);
+    }
+    if let Some(w) = cli.workers {
+        opts.workers = w.max(1);
     }
     if let Some(n) = cli.fanout_messages {
         opts.fanout_messages = n;

@@ -519,8 +519,10 @@ fn clutch_toml(workers: u32, addr_file: &Path, child: &Path, apps: Option<&Launc
             )
         }
     };
+    // BENCH_CLUTCH_TOML: extra tables for experiments (e.g. "[timeouts]\nflow_ms = 5000").
+    let extra = std::env::var("BENCH_CLUTCH_TOML").unwrap_or_default();
     format!(
-        "listen = \"127.0.0.1:0\"\nworkers = {workers}\naddr_file = {addr}\n\n[agent]\ncommand = {child}\n\n{app}",
+        "listen = \"127.0.0.1:0\"\nworkers = {workers}\naddr_file = {addr}\n\n[agent]\ncommand = {child}\n\n{app}\n{extra}\n",
         addr = q(&addr_file.display().to_string()),
     )
 }

@@ -612,10 +612,11 @@ impl<'a> Bench<'a> {
                 let bodies = statuses
                     .map(|v| v.into_iter().map(|e| e.body).collect())
                     .unwrap_or_default();
+                // The whole message (with the master's last log lines) goes
+                // to the JSON; the table shows its first line.
                 self.rec.failures.push(format!(
-                    "{} flood {action} incomplete: {}",
+                    "{} flood {action} incomplete: {msg}",
                     c.system.key(),
-                    msg.lines().next().unwrap_or("")
                 ));
                 (bodies, false, end.duration_since(t0).as_secs_f64())
             }
