@@ -1224,6 +1224,58 @@ async fn a_unix_socket_listener_is_reached_with_grpcurl_unix() {
     assert!(!socket.exists(), "the socket file is removed at exit");
 }
 
+#[tokio::test]
+async fn the_listener_is_loopback_only_unless_remote_is_allowed() {
+    let Some(g) = grpcurl::grpcurl() else {
+        return;
+    };
+    let book = Cookbook::load();
+    let args = [
+        "--workers",
+        "1",
+        "--listen",
+        "0.0.0.0:0",
+        "--token-file",
+        "{dir}/admin.token",
+    ];
+
+    let mut refused = Standalone::start(Standalone::dir(), &args, &[]);
+    assert_eq!(refused.exit().await, Some(1), "{}", refused.log());
+    let log = refused.log();
+    assert!(
+        log.contains("allow_remote") && log.contains("0.0.0.0"),
+        "{log}"
+    );
+
+    let mut short = Standalone::start(
+        Standalone::dir(),
+        &args[..2],
+        &[("CLUTCH_ADMIN_TOKEN", "too-short")],
+    );
+    assert_eq!(short.exit().await, Some(1), "{}", short.log());
+    assert!(short.log().contains("16"), "{}", short.log());
+
+    let mut allowed = Standalone::start(
+        Standalone::dir(),
+        &[&args[..], &["--allow-remote", "--addr-file", "{dir}/addr"]].concat(),
+        &[],
+    );
+    let addr = addr_file(&mut allowed).await;
+    let port = addr
+        .strip_prefix("0.0.0.0:")
+        .unwrap_or_else(|| panic!("listening on {addr}"));
+    allowed
+        .wait_log("egg-ready: the agent and all 1 app workers are ready")
+        .await;
+    let env = [("CLUTCH_ADDR", format!("127.0.0.1:{port}"))];
+    assert_eq!(
+        status_of(&g.sh(book.command("health"), &env).await),
+        "SERVING"
+    );
+    allowed.signal(Signal::SIGTERM);
+    assert_eq!(allowed.exit().await, Some(0));
+}
+
 /// Datagrams the master sent to the notify socket, in order.
 struct Notify {
     socket: tokio::net::UnixDatagram,
@@ -1602,6 +1654,15 @@ fn the_sample_unit_file_is_a_notify_service_that_lets_the_master_stop_its_childr
     assert_eq!(get("NotifyAccess"), "main");
     assert_eq!(get("KillMode"), "mixed");
     assert!(get("ExecStart").contains("master"));
+    // systemd expands $NAME in Exec lines itself: a `$` meant for the shell
+    // must be written `$$`.
+    for (key, value) in settings.iter().filter(|(k, _)| k.starts_with("Exec")) {
+        let single = value.replace("$$", "").contains('$');
+        assert!(
+            !single,
+            "{key}: a lone $ would be expanded by systemd: {value}"
+        );
+    }
     let seconds = |key: &str| -> u64 {
         let v = get(key);
         v.strip_suffix('s')

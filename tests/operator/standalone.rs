@@ -118,15 +118,22 @@ impl Standalone {
         kill(Pid::from_raw(self.pid as i32), signal).expect("signal the master");
     }
 
-    /// Waits for the master to exit; its exit code.
+    /// Waits for the master to exit and for its log to be read to the end;
+    /// its exit code.
     pub async fn exit(&mut self) -> Option<i32> {
-        match tokio::time::timeout(DEADLINE, self.child.wait()).await {
+        let code = match tokio::time::timeout(DEADLINE, self.child.wait()).await {
             Ok(Ok(status)) => status.code(),
             _ => panic!(
                 "the master did not exit within {DEADLINE:?}:\n{}",
                 self.log()
             ),
+        };
+        // The reader drops its sender at the end of the pipe.
+        let drained = async { while self.lines.changed().await.is_ok() {} };
+        if tokio::time::timeout(DEADLINE, drained).await.is_err() {
+            panic!("the master exited but its stderr stayed open: did a child inherit it?");
         }
+        code
     }
 }
 
