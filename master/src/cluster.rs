@@ -390,7 +390,13 @@ impl Cluster<'_> {
         self.live.insert(slot, pid);
         self.spawned_at.insert(slot, Instant::now());
         self.backoff[slot].started(Instant::now());
-        self.slot_event("spawned", slot, pid, incarnation, format!("launched {what}"));
+        self.slot_event(
+            "spawned",
+            slot,
+            pid,
+            incarnation,
+            format!("launched {what}"),
+        );
         self.after(
             start_timeout,
             Timer::StartDeadline {
