@@ -202,6 +202,7 @@ class Messenger {
     this._handled = 0n;
     this._acked = 0n;
     this._ackScheduled = false;
+    this._drainWaiters = [];
   }
 
   // -- listeners -------------------------------------------------------------
@@ -389,14 +390,12 @@ class Messenger {
     // the stream is congested, and the caller waits for it to drain.
     if (this._call.write(frame)) return Promise.resolve();
     return new Promise((resolve, reject) => {
-      const done = () => {
-        this._call.off('drain', done);
-        this._call.off('close', done);
-        if (this._closed) reject(new DisconnectedError('the connection to the master is closed'));
-        else resolve();
-      };
-      this._call.on('drain', done);
-      this._call.on('close', done);
+      if (this._drainWaiters.length === 0) {
+        this._call.once('drain', () => {
+          for (const w of this._drainWaiters.splice(0)) w.resolve();
+        });
+      }
+      this._drainWaiters.push({ resolve, reject });
     });
   }
 
@@ -549,6 +548,7 @@ class Messenger {
     for (const w of this._pending.values()) w.reject(gone());
     this._pending.clear();
     for (const w of this._eggReadyWaiters.splice(0)) w.reject(gone());
+    for (const w of this._drainWaiters.splice(0)) w.reject(gone());
     if (!this._exitOnDisconnect) {
       for (const resolve of this._closedWaiters.splice(0)) resolve();
       return;
