@@ -242,6 +242,10 @@ pub struct ExpectReceived {
     /// See `total`.
     #[serde(default)]
     pub among: Vec<String>,
+    /// Instead of `counts`, with `payloads`: each of these processes got
+    /// every payload (and no other process any).
+    #[serde(default)]
+    pub receivers: Vec<String>,
     /// Only messages from this kind of handler ("on" or "once").
     #[serde(default)]
     pub handler: Option<String>,
@@ -933,7 +937,21 @@ impl Player {
             }
             return self.expect_total(c, x, total, n).await;
         }
-        let want = Self::counts(c, &x.counts);
+        let mut counts = x.counts.clone();
+        if !x.receivers.is_empty() {
+            let Some(payloads) = &payloads else {
+                c.fail(&format!(
+                    "step {n}: receivers needs payloads or payloads_from"
+                ));
+            };
+            if !counts.is_empty() {
+                c.fail(&format!("step {n}: give counts or receivers, not both"));
+            }
+            for r in &x.receivers {
+                counts.insert(r.clone(), payloads.len());
+            }
+        }
+        let want = Self::counts(c, &counts);
         let action = x.action.clone();
         let handler = x.handler.clone();
         let matches = move |e: &Event| {
