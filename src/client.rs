@@ -281,6 +281,11 @@ struct Inner {
     shutdown_hooks: Mutex<Vec<ShutdownHook>>,
     /// Whether to exit the process on shutdown or disconnection.
     exit_on_disconnect: bool,
+    /// Set once the process is leaving: the request stream writes what is
+    /// queued, then ends, and the master closes the stream in turn.
+    closing: watch::Sender<bool>,
+    /// The highest message sequence number handled, for the last ack.
+    handled: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -310,6 +315,7 @@ impl Client {
         let channel = dial(&opts.addr).await?;
         let mut grpc = MessengerClient::new(channel).max_decoding_message_size(usize::MAX);
         let (frames, rx) = mpsc::channel(opts.send_buffer.max(1));
+        let closing = watch::Sender::new(false);
         // The master answers the call only after it has read the register
         // frame, so the frame must be queued before the call is awaited.
         frames
@@ -323,7 +329,7 @@ impl Client {
             message: s.message().to_owned(),
         };
         let mut stream = grpc
-            .attach(ReceiverStream::new(rx))
+            .attach(outgoing(rx, closing.subscribe()))
             .await
             .map_err(rejected)?
             .into_inner();
@@ -359,6 +365,8 @@ impl Client {
             shutdown: watch::Sender::new(None),
             closed: watch::Sender::new(false),
             shutdown_hooks: Mutex::new(Vec::new()),
+            closing,
+            handled: AtomicU64::new(0),
             exit_on_disconnect: opts.exit_on_disconnect,
         });
         tokio::spawn(dispatch(inner.clone(), stream));
@@ -745,8 +753,9 @@ struct Acker {
 }
 
 impl Acker {
-    fn handled(&mut self, seq: u64) {
+    fn handled(&mut self, inner: &Inner, seq: u64) {
         self.handled = self.handled.max(seq);
+        inner.handled.store(self.handled, Ordering::Relaxed);
     }
 
     /// Sends an ack if one is due (`caught_up`: nothing else is waiting).
@@ -763,6 +772,63 @@ impl Acker {
             self.acked = self.handled;
         }
     }
+}
+
+/// After a shutdown notice: runs the hooks, then leaves cleanly — the last
+/// ack and every queued frame go out, the request stream ends, and the
+/// process exits once the master has closed the stream (or after a short
+/// deadline).
+async fn leave(inner: Arc<Inner>, hooks: Vec<ShutdownHook>) {
+    for hook in hooks {
+        hook().await;
+    }
+    if !inner.exit_on_disconnect {
+        return;
+    }
+    let handled = inner.handled.load(Ordering::Relaxed);
+    if inner
+        .frames
+        .send(convert::ack_to_pb(handled))
+        .await
+        .is_err()
+    {
+        tracing::debug!("the stream was already closed before the last ack");
+    }
+    inner.closing.send_replace(true);
+    let mut closed = inner.closed.subscribe();
+    if tokio::time::timeout(Duration::from_secs(2), closed.wait_for(|c| *c))
+        .await
+        .is_err()
+    {
+        tracing::warn!("the master did not close the stream within 2 s of ours");
+    }
+    tracing::info!("the master is stopping the cluster; exiting");
+    std::process::exit(0);
+}
+
+/// The request stream: queued frames, in order, until `closing`; then what
+/// is still queued, then the end of the stream.
+fn outgoing(
+    rx: mpsc::Receiver<pb::ClientFrame>,
+    closing: watch::Receiver<bool>,
+) -> impl Stream<Item = pb::ClientFrame> + Send + 'static {
+    futures_util::stream::unfold(
+        (rx, closing, false),
+        |(mut rx, mut closing, draining)| async move {
+            if draining {
+                return rx.try_recv().ok().map(|f| (f, (rx, closing, true)));
+            }
+            let next = tokio::select! {
+                biased;
+                frame = rx.recv() => Some(frame),
+                _ = closing.wait_for(|c| *c) => None,
+            };
+            match next {
+                Some(frame) => frame.map(|f| (f, (rx, closing, false))),
+                None => rx.try_recv().ok().map(|f| (f, (rx, closing, true))),
+            }
+        },
+    )
 }
 
 async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<pb::ServerFrame>) {
@@ -823,7 +889,7 @@ async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<pb::ServerFrame>) {
                     from: m.from,
                 })
                 .await;
-                acker.handled(seq);
+                acker.handled(&inner, seq);
             }
             Outbound::EggReady => {
                 inner.egg_ready.send_replace(true);
@@ -855,20 +921,14 @@ async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<pb::ServerFrame>) {
                     }
                 }
             }
-            Outbound::Shutdown { grace_ms } => {
+            // Only the first notice counts: a later one (a restart, then
+            // a shutdown) must not cut the running hooks short.
+            Outbound::Shutdown { grace_ms } if inner.shutdown.borrow().is_none() => {
                 inner.shutdown.send_replace(Some(grace_ms));
                 let hooks = std::mem::take(&mut *lock(&inner.shutdown_hooks));
-                let exit = inner.exit_on_disconnect;
-                tokio::spawn(async move {
-                    for hook in hooks {
-                        hook().await;
-                    }
-                    if exit {
-                        tracing::info!("the master is stopping the cluster; exiting");
-                        std::process::exit(0);
-                    }
-                });
+                tokio::spawn(leave(inner.clone(), hooks));
             }
+            Outbound::Shutdown { .. } => {}
         }
     };
     inner.closed.send_replace(true);
@@ -877,9 +937,9 @@ async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<pb::ServerFrame>) {
     if inner.exit_on_disconnect {
         let noticed = inner.shutdown.borrow().is_some();
         if noticed {
-            // The shutdown hooks are still running; the master's SIGTERM
+            // `leave` exits once the hooks are done; the master's SIGTERM
             // ends them if they overrun.
-            tracing::info!("the master closed the stream during shutdown");
+            tracing::debug!("the stream closed during shutdown");
             return;
         }
         tracing::error!(

@@ -883,11 +883,12 @@ async fn watch_shows_a_killed_worker_and_its_restart() {
         at = i;
     }
     assert!(exited_at < restarting_at);
-    // The other slots were not touched.
+    // The other slots were not touched. (Events without a role, such as
+    // the opening `watching`, are about the cluster, not a slot.)
     let others: Vec<&Value> = watch
         .messages()
         .into_iter()
-        .filter(|v| num(v, "workerId") != 1)
+        .filter(|v| v.get("role").is_some() && num(v, "workerId") != 1)
         .collect();
     assert!(others.is_empty(), "events of other slots: {others:#?}");
 }
@@ -1440,7 +1441,6 @@ async fn systemd_watchdog_pings_only_for_the_pid_it_names() {
 // ---- master bugs, reproduced (ignored until fixed) ------------------------------------
 
 #[tokio::test]
-#[ignore = "master bug: an open Watch keeps the gRPC server from stopping; the master waits 2 s and the watcher gets UNAVAILABLE"]
 async fn watch_ends_cleanly_when_the_master_stops() {
     let Some(mut op) = Op::start(Options::new(1)).await else {
         return;
@@ -1462,7 +1462,6 @@ async fn watch_ends_cleanly_when_the_master_stops() {
 }
 
 #[tokio::test]
-#[ignore = "master bug: children inherit CLUTCH_ADMIN_TOKEN (so any child can use admin RPCs) and NOTIFY_SOCKET / WATCHDOG_USEC"]
 async fn children_inherit_neither_the_admin_token_nor_the_notify_socket() {
     let Some(g) = grpcurl::grpcurl() else {
         return;
@@ -1522,7 +1521,6 @@ async fn children_inherit_neither_the_admin_token_nor_the_notify_socket() {
 }
 
 #[tokio::test]
-#[ignore = "master bug: an operator's Restart before egg-ready is accepted, and the restarted child's exit is then taken for a failed start: the master stops the cluster and exits 1"]
 async fn a_restart_before_egg_ready_does_not_stop_the_cluster() {
     let Some(mut op) = Op::start(Options::new(1).manual_ready()).await else {
         return;
@@ -1559,7 +1557,6 @@ async fn a_restart_before_egg_ready_does_not_stop_the_cluster() {
 }
 
 #[tokio::test]
-#[ignore = "master bug: while the master is stopping, List, Restart, Reload and Shutdown hang until it exits (the main loop no longer reads admin commands)"]
 async fn admin_calls_answer_while_the_master_is_stopping() {
     let opts = Options::new(2)
         .env("PROBE_SHUTDOWN_DELAY_MS", "1=60000")

@@ -24,7 +24,7 @@ pub enum Command {
     /// Rolling restart of the app workers; answered when done.
     Reload(oneshot::Sender<Result<Vec<Replaced>, Status>>),
     /// Stop the cluster, as SIGTERM does.
-    Shutdown(oneshot::Sender<()>),
+    Shutdown(oneshot::Sender<Result<(), Status>>),
 }
 
 /// Requests waiting for the main loop. Operators are few; a full queue makes
@@ -90,6 +90,6 @@ impl Operator for Ops {
     }
 
     async fn shutdown(&self) -> Result<(), Status> {
-        self.ask(Command::Shutdown).await
+        self.ask(Command::Shutdown).await?
     }
 }

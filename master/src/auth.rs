@@ -50,6 +50,15 @@ pub fn write_token_file(path: &Path, token: &str) -> Result<(), TokenFileError> 
         .map_err(fail)
 }
 
+/// Removes a token file, and its folder if that is now empty (the default
+/// folder is one per master). Best effort: the master is exiting.
+pub fn remove_token_file(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
 /// The default token file: in `$XDG_RUNTIME_DIR` (private to the user) when
 /// set, else the system temp folder, named after the master's pid.
 pub fn default_token_file() -> PathBuf {

@@ -153,7 +153,7 @@ pub async fn run(config: Config) -> Result<(), MasterError> {
     };
     auth::write_token_file(&config.token_file, &token)
         .map_err(|e| MasterError::Setup(e.to_string()))?;
-    let (command_tx, mut commands) = mpsc::channel(admin::COMMAND_QUEUE);
+    let (command_tx, commands) = mpsc::channel(admin::COMMAND_QUEUE);
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(clutch::server::service(
         Hub {
@@ -216,6 +216,7 @@ pub async fn run(config: Config) -> Result<(), MasterError> {
         timed_out: HashMap::new(),
         intentional: HashMap::new(),
         reload: None,
+        commands,
         backoff: (0..=config.workers).map(|_| Backoff::default()).collect(),
         cluster_ready: false,
         drops: DropLog::default(),
@@ -233,7 +234,7 @@ pub async fn run(config: Config) -> Result<(), MasterError> {
                     Ok(())
                 }
                 Some(timer) = timers.recv() => cluster.on_timer(timer),
-                Some(command) = commands.recv() => match cluster.on_command(command) {
+                Some(command) = cluster.commands.recv() => match cluster.on_command(command) {
                     Flow::Continue => Ok(()),
                     Flow::Stop => {
                         tracing::info!("stopping the cluster at an operator's request: apps first, then the agent");
@@ -255,11 +256,18 @@ pub async fn run(config: Config) -> Result<(), MasterError> {
         },
     };
     cluster.stop(&mut signals).await;
+    // Watchers' streams end here, or the server's graceful stop would wait
+    // for them.
+    cluster.events.close();
     let _ = stop_server.send(());
     match tokio::time::timeout(Duration::from_secs(2), server).await {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the gRPC server ended with an error"),
         Err(_) => tracing::warn!("the gRPC server did not stop within 2 s"),
         _ => {}
+    }
+    if config.admin_token.is_none() {
+        // A generated token is worthless once the master is gone.
+        auth::remove_token_file(&config.token_file);
     }
     if outcome.is_ok() {
         tracing::info!("cluster stopped");
@@ -314,6 +322,8 @@ struct Cluster<'a> {
     intentional: HashMap<SlotId, u32>,
     /// The rolling restart in progress, if any.
     reload: Option<Reload>,
+    /// Operators' requests (answered during shutdown too, so none hangs).
+    commands: mpsc::Receiver<Command>,
     /// The address children are told to dial.
     addr: String,
     /// The pid of each slot's running process.
@@ -588,6 +598,7 @@ impl Cluster<'_> {
         };
         let what = self.slot_name(slot);
         let old_pid = self.last_exit.get(&slot).map_or(0, |e| e.pid);
+        let incarnation = self.shared.with_router(|r, _| r.incarnation(slot));
         if self.intentional.get(&slot) == Some(&old_pid) {
             // An operator's restart: no crash, so no backoff and no count.
             self.intentional.remove(&slot);
@@ -598,7 +609,7 @@ impl Cluster<'_> {
                 slot as u32,
                 old_pid,
                 format!("restarting {what} at an operator's request"),
-                |_| {},
+                |e| e.incarnation = incarnation,
             );
             return self.launch(slot).or_else(|e| {
                 tracing::error!("{e}");
@@ -614,7 +625,10 @@ impl Cluster<'_> {
                     slot as u32,
                     old_pid,
                     format!("restarting {what} in {} ms", delay.as_millis()),
-                    |e| e.delay_ms = delay.as_millis() as u64,
+                    |e| {
+                        e.delay_ms = delay.as_millis() as u64;
+                        e.incarnation = incarnation;
+                    },
                 );
                 self.after(delay, Timer::Relaunch(slot));
                 Ok(())
@@ -705,15 +719,40 @@ impl Cluster<'_> {
                 }
             }
             Command::Shutdown(reply) => {
-                let _ = reply.send(());
+                let _ = reply.send(Ok(()));
                 return Flow::Stop;
             }
         }
         Flow::Continue
     }
 
+    /// Answers an operator while the cluster stops: List still works; the
+    /// rest would change a cluster that is going away.
+    fn refuse_while_stopping(&mut self, command: Command) {
+        let stopping = || Status::unavailable("the master is stopping the cluster");
+        match command {
+            Command::List(_) => {
+                let _ = self.on_command(command);
+            }
+            Command::Restart(_, reply) => {
+                let _ = reply.send(Err(stopping()));
+            }
+            Command::Reload(reply) => {
+                let _ = reply.send(Err(stopping()));
+            }
+            Command::Shutdown(reply) => {
+                let _ = reply.send(Err(stopping()));
+            }
+        }
+    }
+
     /// Resolves an operator's restart target and begins the restart.
     fn restart_by(&mut self, target: RestartTarget) -> Result<Restarting, Status> {
+        if !self.cluster_ready {
+            return Err(Status::unavailable(
+                "the cluster is not ready yet: restart after egg-ready",
+            ));
+        }
         let slot = match target {
             RestartTarget::Agent => AGENT,
             RestartTarget::Worker(id) if (1..=self.config.workers).contains(&(id as usize)) => {
@@ -842,6 +881,7 @@ impl Cluster<'_> {
             Ending::Code(c) => (c, 0),
             Ending::Signal(s) => (-1, s),
         };
+        let incarnation = self.shared.with_router(|r, _| r.incarnation(exit.slot));
         self.events.emit(
             "exited",
             Some(role),
@@ -851,6 +891,7 @@ impl Cluster<'_> {
             |e| {
                 e.exit_code = code;
                 e.signal = signal;
+                e.incarnation = incarnation;
             },
         );
         let (slot, pid) = (exit.slot, exit.pid);
@@ -927,6 +968,7 @@ impl Cluster<'_> {
         while slots.iter().any(|s| self.live.contains_key(s)) {
             tokio::select! {
                 Some(exit) = self.exits.1.recv() => self.on_exit(exit),
+                Some(command) = self.commands.recv() => self.refuse_while_stopping(command),
                 _ = tokio::time::sleep_until(deadline) => return true,
                 name = signals.next() => {
                     tracing::warn!(signal = name, "second signal: killing every child now");

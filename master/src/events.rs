@@ -10,7 +10,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clutch::admin::{EventStream, LifecycleEvent};
 use clutch::Role;
 use futures_util::StreamExt;
-use tokio::sync::broadcast;
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, watch};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 
@@ -22,12 +24,15 @@ const CAPACITY: usize = 1024;
 pub struct EventBus {
     /// The channel; sending with no watcher is a no-op.
     tx: broadcast::Sender<LifecycleEvent>,
+    /// Becomes true when the master is done: every watch stream ends.
+    closed: Arc<watch::Sender<bool>>,
 }
 
 impl Default for EventBus {
     fn default() -> Self {
         EventBus {
             tx: broadcast::channel(CAPACITY).0,
+            closed: Arc::new(watch::Sender::new(false)),
         }
     }
 }
@@ -63,19 +68,38 @@ impl EventBus {
         let _ = self.tx.send(event);
     }
 
-    /// A stream of events from now on.
+    /// Ends every watch stream (the master is about to exit).
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// A stream of events from now on. Its first event, `watching`, says the
+    /// subscription is in place, so a client knows nothing after it is missed.
     pub fn watch(&self) -> EventStream {
+        let mut closed = self.closed.subscribe();
+        let end = async move {
+            let _ = closed.wait_for(|c| *c).await;
+        };
+        let hello = LifecycleEvent {
+            at_ms: now_ms(),
+            kind: "watching",
+            message: "watching the cluster's lifecycle events".into(),
+            ..LifecycleEvent::default()
+        };
+        let events = BroadcastStream::new(self.tx.subscribe()).map(|item| match item {
+            Ok(event) => event,
+            Err(BroadcastStreamRecvError::Lagged(count)) => LifecycleEvent {
+                at_ms: now_ms(),
+                kind: "lagged",
+                count,
+                message: format!("this watcher fell behind and missed {count} events"),
+                ..LifecycleEvent::default()
+            },
+        });
         Box::pin(
-            BroadcastStream::new(self.tx.subscribe()).map(|item| match item {
-                Ok(event) => event,
-                Err(BroadcastStreamRecvError::Lagged(count)) => LifecycleEvent {
-                    at_ms: now_ms(),
-                    kind: "lagged",
-                    count,
-                    message: format!("this watcher fell behind and missed {count} events"),
-                    ..LifecycleEvent::default()
-                },
-            }),
+            futures_util::stream::once(async { hello })
+                .chain(events)
+                .take_until(end),
         )
     }
 }

@@ -300,6 +300,11 @@ impl Router {
             .collect()
     }
 
+    /// The incarnation of `slot`'s current (or last) process.
+    pub fn incarnation(&self, slot: SlotId) -> u32 {
+        self.slots[slot].incarnation
+    }
+
     /// The incarnation number the next process of `slot` will have.
     pub fn next_incarnation(&self, slot: SlotId) -> u32 {
         self.slots[slot].incarnation + 1

@@ -112,6 +112,20 @@ pub fn spawn(
     exits: mpsc::Sender<Exit>,
 ) -> Result<u32, SpawnError> {
     let mut cmd = Command::new(&spec.command);
+    // What the master's own environment grants it is not the children's:
+    // the admin token (a child holding it could drive the admin API), and
+    // systemd's notify socket and watchdog (only the master talks to them).
+    for private in [
+        "CLUTCH_ADMIN_TOKEN",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+    ] {
+        cmd.env_remove(private);
+    }
     cmd.args(&spec.args)
         .envs(&spec.env)
         .env(clutch::env::ADDR, &launch.addr)

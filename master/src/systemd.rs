@@ -10,6 +10,8 @@ use std::time::Duration;
 pub struct Notifier {
     /// The socket address from `NOTIFY_SOCKET`, with the datagram socket.
     target: Option<(Target, UnixDatagram)>,
+    /// A failure was logged already.
+    warned: std::sync::atomic::AtomicBool,
 }
 
 enum Target {
@@ -32,7 +34,10 @@ impl Notifier {
             };
             UnixDatagram::unbound().ok().map(|s| (target, s))
         });
-        Notifier { target }
+        Notifier {
+            target,
+            warned: Default::default(),
+        }
     }
 
     /// Sends one notification; failures are logged, never fatal.
@@ -50,7 +55,10 @@ impl Notifier {
             }
         };
         if let Err(e) = sent {
-            tracing::warn!(error = %e, state, "cannot notify systemd");
+            // Once is enough: the watchdog would repeat it every tick.
+            if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(error = %e, state, "cannot notify systemd (further failures are not logged)");
+            }
         }
     }
 
@@ -79,6 +87,7 @@ mod tests {
         let listener = UnixDatagram::bind(&path).expect("bind");
         let n = Notifier {
             target: Some((Target::Path(path), UnixDatagram::unbound().expect("socket"))),
+            warned: Default::default(),
         };
         n.notify("READY=1");
         let mut buf = [0u8; 64];
