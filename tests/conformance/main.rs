@@ -157,6 +157,7 @@ scenarios! {
     empty_payload_is_null => "empty-payload-is-null.toml",
     many_messages_are_acknowledged => "many-messages-acknowledged.toml",
     registration_refused => "registration-refused.toml",
+    agent_restart => "agent-restart.toml",
 }
 
 mixed! {

@@ -143,8 +143,12 @@ pub enum Step {
         action: String,
         code: String,
     },
-    /// A worker exits with this code; its pid becomes `dead:<who>`.
+    /// A process exits with this code; its pid becomes `dead:<who>`. For
+    /// the agent, the probe exits (and the master restarts it).
     Exit { who: String, code: i32 },
+    /// Waits until the latest `egg-pids` at a process lists exactly these
+    /// processes' pids (resolved when the step starts).
+    WaitLatestEggPids { who: String, pids: Vec<String> },
     /// Waits until the agent's `egg-pids` no longer lists this pid.
     WaitEggPidsWithout { pid: String },
     /// Waits until the master has restarted a worker that exited: its
@@ -710,13 +714,15 @@ impl Player {
             }
             Step::Exit { who, code } => {
                 let at = Self::who(c, who);
-                if at == 0 {
-                    c.fail("the agent is the controller; it cannot exit in a scenario");
-                }
                 let pid = c.pid_of(at).await;
                 self.dead.insert(at, pid);
-                let op = json!({ "op": "exit", "code": code });
-                c.worker_command(at, op).await;
+                if at == 0 {
+                    c.agent_command(json!({ "cmd": "exit", "code": code }))
+                        .await;
+                } else {
+                    let op = json!({ "op": "exit", "code": code });
+                    c.worker_command(at, op).await;
+                }
             }
             Step::WaitEggPidsWithout { pid } => {
                 let gone = u64::from(self.pid(c, pid).await);
@@ -728,6 +734,31 @@ impl Player {
                             && e.body["pids"]
                                 .as_array()
                                 .is_some_and(|a| !a.iter().any(|p| p.as_u64() == Some(gone)))
+                    },
+                )
+                .await;
+            }
+            Step::WaitLatestEggPids { who, pids } => {
+                let at = Self::who(c, who);
+                let mut want = Vec::new();
+                for p in pids {
+                    want.push(u64::from(self.pid(c, p).await));
+                }
+                want.sort_unstable();
+                c.wait_until(
+                    &format!("{who}'s latest egg-pids = {pids:?} {want:?}"),
+                    |h| {
+                        h.iter()
+                            .rev()
+                            .find(|e| e.at == at && e.kind() == "egg-pids")
+                            .is_some_and(|e| {
+                                let mut got: Vec<u64> = e.body["pids"]
+                                    .as_array()
+                                    .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                                    .unwrap_or_default();
+                                got.sort_unstable();
+                                got == want
+                            })
                     },
                 )
                 .await;
