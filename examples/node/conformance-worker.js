@@ -55,7 +55,11 @@ function serial() {
 async function main() {
   const m = await clutch.connect({ expectRole: 'app' });
   const reports = serial();
-  const report = (event) => reports(() => m.post('agent', EVENT, event));
+  // Numbered, so that the controller can drop a report that the master
+  // re-delivered to a restarted agent (at-least-once across an agent's
+  // incarnations, with acks).
+  let reported = 0;
+  const report = (event) => reports(() => m.post('agent', EVENT, { ...event, n: ++reported }));
 
   const watch = (action, kind) => {
     const listener = (data, msg) => {

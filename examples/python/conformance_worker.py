@@ -109,8 +109,14 @@ async def main() -> None:
     )
 
     async def reporter() -> None:
+        # Numbered, so that the controller can drop a report that the master
+        # re-delivered to a restarted agent (at-least-once across an agent's
+        # incarnations, with acks).
+        n = 0
         while True:
             event = await reports.get()
+            n += 1
+            event["n"] = n
             await m.emit("agent", EVENT, event)
 
     async def send(cmd: dict) -> None:

@@ -14,7 +14,7 @@
 //! tests run in parallel. Every wait has a deadline and fails with what was
 //! seen and the master's log; nothing sleeps to wait for an event.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -126,6 +126,8 @@ pub struct Cluster {
     output: Arc<Output>,
     events: mpsc::UnboundedReceiver<Event>,
     history: Vec<Event>,
+    /// (pid, number) of every worker report recorded.
+    reports_seen: HashSet<(u64, u64)>,
     agent: Arc<Mutex<Option<mpsc::UnboundedSender<String>>>>,
     tasks: Vec<JoinHandle<()>>,
     cut: watch::Sender<u64>,
@@ -256,6 +258,7 @@ impl Cluster {
             output,
             events,
             history: Vec::new(),
+            reports_seen: HashSet::new(),
             agent,
             tasks,
             cut,
@@ -298,14 +301,33 @@ impl Cluster {
     async fn pump(&mut self, until: tokio::time::Instant) -> bool {
         match tokio::time::timeout_at(until, self.events.recv()).await {
             Ok(Some(event)) => {
-                self.history.push(event);
+                self.record(event);
                 while let Ok(event) = self.events.try_recv() {
-                    self.history.push(event);
+                    self.record(event);
                 }
                 true
             }
             Ok(None) | Err(_) => false,
         }
+    }
+
+    /// Adds an event to the history, once: a worker's report is a message
+    /// to the agent's slot, which the master re-delivers to a restarted
+    /// agent if the old one had not acknowledged it. Workers number their
+    /// reports, so a second copy is recognised by (pid, number).
+    fn record(&mut self, event: Event) {
+        if event.at != 0 {
+            let key = (
+                event.body["reported_by_pid"].as_u64(),
+                event.body["n"].as_u64(),
+            );
+            if let (Some(pid), Some(n)) = key {
+                if !self.reports_seen.insert((pid, n)) {
+                    return;
+                }
+            }
+        }
+        self.history.push(event);
     }
 
     /// Waits until `pred` holds over the whole history.

@@ -193,7 +193,13 @@ async fn run() -> anyhow::Result<()> {
     {
         let w = worker.clone();
         tokio::spawn(async move {
-            while let Some(event) = reports_rx.recv().await {
+            // Numbered, so that the controller can drop a report that the
+            // master re-delivered to a restarted agent (at-least-once across
+            // an agent's incarnations, with acks).
+            let mut n = 0u64;
+            while let Some(mut event) = reports_rx.recv().await {
+                n += 1;
+                event["n"] = json!(n);
                 if w.emit(Target::Agent, EVENT, &event).await.is_err() {
                     break;
                 }

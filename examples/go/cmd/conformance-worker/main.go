@@ -141,8 +141,12 @@ func main() {
 	})
 
 	go func() {
-		for {
+		// Numbered, so that the controller can drop a report that the master
+		// re-delivered to a restarted agent (at-least-once across an agent's
+		// incarnations, with acks).
+		for n := 1; ; n++ {
 			e := reports.pop()
+			e["n"] = n
 			if err := m.Emit(ctx, messenger.ToAgent, eventAction, e); err != nil {
 				return
 			}
