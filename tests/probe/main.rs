@@ -25,6 +25,15 @@
 //!     stopped); then reports `{"event":"ticked","id","count":<ticks emitted>}`;
 //!   - `{"cmd":"tick-stop","id"}`: stops that tick series (it reports `ticked`);
 //!   - `{"cmd":"exit","code"}`: exits at once, bypassing the command queue.
+//!   - `{"cmd":"tally","id"}`: reports `{"event":"tally","id","messages":[…],"undelivered":[…]}`:
+//!     per (action, sender pid) of a `PROBE_TALLY_ACTIONS` action the `count`
+//!     of messages, the `first` and `last` `seq` (payloads `{"seq":i,…}`),
+//!     `decreases` (a seq not above the previous: order broken or a
+//!     duplicate) and `jumps` (a seq more than one above the previous); per
+//!     (action, code, worker id) the `count` of undelivered reports and the
+//!     first reason;
+//!   - `{"cmd":"register"}`: only for a probe selected by
+//!     `PROBE_DEFER_REGISTER_WORKER`, before it registered: register now.
 //!
 //! Environment (besides the `CLUTCH_*` variables set by the master):
 //!
@@ -42,6 +51,13 @@
 //! | `PROBE_SHUTDOWN_DELAY_MS` | how long the `on_shutdown` hook takes: `200` for every process, or `1=200,2=200` per worker id |
 //! | `PROBE_APP_GATE` | a file path: app workers wait for it to exist before they connect to the master (lets a test keep slots unregistered for as long as it needs) |
 //! | `PROBE_STAY_ON_DISCONNECT` | `1`: do not exit when the stream to the master breaks (a stuck child; only the kernel's parent-death signal or the controller ends it) |
+//! | `PROBE_STUCK_WORKER` | the worker id whose message handler blocks forever (the whole probe stops reading its stream: a stuck consumer); it reports the message, then `stuck`, then blocks |
+//! | `PROBE_STUCK_INCARNATIONS` | which incarnations of `PROBE_STUCK_WORKER` get stuck; unset: every one |
+//! | `PROBE_STUCK_ACTION` | the action whose first message makes it stuck; unset: the first message of any subscribed action |
+//! | `PROBE_SLOW_WORKER` / `PROBE_SLOW_US` | the worker id whose message handler takes this many microseconds per message (blocking: a slow consumer that keeps reading) |
+//! | `PROBE_DEFER_REGISTER_WORKER` | the worker id that says `hello` (with `"registered": false`, its pid, incarnation and secret from the environment) *before* it registers, then waits for the `register` command; once registered it reports `registered` and goes on as usual. Lets a test use the secret of a slot that is spawned but not registered |
+//! | `PROBE_TALLY_ACTIONS` | comma-separated actions whose messages (and `undelivered` reports) are counted instead of reported one by one, for floods of hundreds of thousands; the `tally` command reports the counts |
+//! | `PROBE_DEFER_REGISTER_INCARNATIONS` | which incarnations of `PROBE_DEFER_REGISTER_WORKER` defer; unset: every one |
 //!
 //! Incarnation sets (`*_INCARNATIONS`) are comma-separated items, each `N`
 //! (that one), `N-` (N and later) or `N-M` (N to M): e.g. `2`, `2-`, `1,3-4`.
@@ -462,6 +478,35 @@ async fn run() -> anyhow::Result<()> {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
+    let reporter = Reporter::new(flag("PROBE_SYNC_REPORTS"));
+    // `PROBE_DEFER_REGISTER_*`: the control channel comes up first, with a
+    // hello built from the environment, and the probe registers only on the
+    // test's `register` command.
+    let deferred = if selected("DEFER_REGISTER")? {
+        let control = std::net::TcpStream::connect(&control_addr)
+            .with_context(|| format!("cannot reach the test controller at {control_addr}"))?;
+        control.set_nodelay(true).ok();
+        let writer = control
+            .try_clone()
+            .context("cannot clone the control socket")?;
+        let incarnation = env_u32(clutch::env::INCARNATION)?;
+        let hello = json!({
+            "event": "hello",
+            "role": role,
+            "worker_id": env_u32(clutch::env::WORKER_ID)?,
+            "pid": std::process::id(),
+            "incarnation": incarnation,
+            "env_incarnation": incarnation,
+            "secret": std::env::var(clutch::env::SECRET).unwrap_or_default(),
+            "registered": false,
+        });
+        reporter.attach(writer, hello);
+        // Nothing else runs on this runtime yet: a blocking read is fine.
+        wait_for_register(&control, &reporter)?;
+        Some(control)
+    } else {
+        None
+    };
     let face = match role.as_str() {
         "agent" => Face::Agent(
             agent_sdk::Agent::connect_with(options(Role::Agent)?)
@@ -482,11 +527,22 @@ async fn run() -> anyhow::Result<()> {
     // ready() until a handler for their action is registered, and handler
     // registrations are applied before the next frame is read, so nothing
     // the master sends (egg-pids at registration, held messages) is missed.
-    let reporter = Reporter::new(flag("PROBE_SYNC_REPORTS"));
     let actions = std::env::var("PROBE_ACTIONS").unwrap_or_default();
+    let misbehaviour = Arc::new(Misbehaviour::from_env()?);
+    let tally = Arc::new(Mutex::new(Tally::from_env()));
     for action in actions.split(',').map(str::trim).filter(|a| !a.is_empty()) {
         let reporter = reporter.clone();
-        client.on(action, move |m| reporter.report(message_event(&m)));
+        let misbehaviour = misbehaviour.clone();
+        let tally = tally.clone();
+        let tallied = lock(&tally).actions.contains(action);
+        client.on(action, move |m| {
+            if tallied {
+                lock(&tally).message(&m);
+            } else {
+                reporter.report(message_event(&m));
+            }
+            misbehaviour.after_message(&m, &reporter);
+        });
     }
     {
         let reporter = reporter.clone();
@@ -509,7 +565,16 @@ async fn run() -> anyhow::Result<()> {
     }
     {
         let reporter = reporter.clone();
-        client.on_undelivered(move |r| reporter.report(undelivered_event(&r)));
+        let tally = tally.clone();
+        client.on_undelivered(move |r| {
+            let mut tally = lock(&tally);
+            if tally.actions.contains(&*r.action) {
+                tally.undelivered(&r);
+            } else {
+                drop(tally);
+                reporter.report(undelivered_event(&r));
+            }
+        });
     }
     {
         // The SDK runs this hook on the master's shutdown notice and exits
@@ -534,24 +599,21 @@ async fn run() -> anyhow::Result<()> {
     // The side channel to the test: `hello` goes out before any event, so
     // the controller can tag everything that follows. A blocking socket:
     // written under a lock or by the writer thread, read by its own thread.
-    let control = std::net::TcpStream::connect(&control_addr)
-        .with_context(|| format!("cannot reach the test controller at {control_addr}"))?;
-    control.set_nodelay(true).ok();
-    let control_read = control
-        .try_clone()
-        .context("cannot clone the control socket")?;
-    let hello = json!({
-        "event": "hello",
-        "role": identity.role.as_str(),
-        "worker_id": identity.worker_id,
-        "pid": identity.pid,
-        "incarnation": identity.incarnation,
-        // CLUTCH_INCARNATION as the master set it, to compare with the welcome.
-        "env_incarnation": std::env::var(clutch::env::INCARNATION).ok().and_then(|v| v.trim().parse::<u32>().ok()),
-        // Included so that a test can try to register with a used secret.
-        "secret": std::env::var(clutch::env::SECRET).unwrap_or_default(),
-    });
-    reporter.attach(control, hello);
+    let control_read = match deferred {
+        Some(control) => {
+            // The hello went out before registering; say who the master
+            // says we are now.
+            reporter.report(json!({
+                "event": "registered",
+                "role": identity.role.as_str(),
+                "worker_id": identity.worker_id,
+                "pid": identity.pid,
+                "incarnation": identity.incarnation,
+            }));
+            control
+        }
+        None => connect_control(&control_addr, &identity, &reporter)?,
+    };
 
     // Commands run one after another on their own task, in the order the
     // test sent them; only `exit` bypasses the queue (the reader thread
@@ -576,11 +638,232 @@ async fn run() -> anyhow::Result<()> {
         client.ready().await.context("could not send ready")?;
     }
 
-    execute(face, commands_rx, reporter).await;
+    execute(face, commands_rx, reporter, tally).await;
     // The reader thread exits the process when the controller goes away;
     // until then there is nothing else to do.
     std::future::pending::<()>().await;
     Ok(())
+}
+
+/// Opens the side channel to the test and says `hello` on it; returns the
+/// socket to read commands from.
+fn connect_control(
+    control_addr: &str,
+    identity: &clutch::Identity,
+    reporter: &Reporter,
+) -> anyhow::Result<std::net::TcpStream> {
+    let control = std::net::TcpStream::connect(control_addr)
+        .with_context(|| format!("cannot reach the test controller at {control_addr}"))?;
+    control.set_nodelay(true).ok();
+    let control_read = control
+        .try_clone()
+        .context("cannot clone the control socket")?;
+    let hello = json!({
+        "event": "hello",
+        "role": identity.role.as_str(),
+        "worker_id": identity.worker_id,
+        "pid": identity.pid,
+        "incarnation": identity.incarnation,
+        // CLUTCH_INCARNATION as the master set it, to compare with the welcome.
+        "env_incarnation": std::env::var(clutch::env::INCARNATION).ok().and_then(|v| v.trim().parse::<u32>().ok()),
+        // Included so that a test can try to register with a used secret.
+        "secret": std::env::var(clutch::env::SECRET).unwrap_or_default(),
+    });
+    reporter.attach(control, hello);
+    Ok(control_read)
+}
+
+/// `PROBE_DEFER_REGISTER_*`: reads command lines (byte by byte, so nothing
+/// after the line is consumed) until `register`; `exit` exits.
+fn wait_for_register(control: &std::net::TcpStream, reporter: &Reporter) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    let mut reader = control;
+    loop {
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            match reader.read(&mut byte) {
+                Ok(0) | Err(_) => {
+                    // The controller is gone: the test has ended.
+                    std::process::exit(0);
+                }
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) => line.push(byte[0]),
+            }
+        }
+        let command: Value = match serde_json::from_slice(&line) {
+            Ok(c) => c,
+            Err(e) => {
+                reporter
+                    .report(json!({ "event": "error", "message": format!("bad command: {e}") }));
+                continue;
+            }
+        };
+        match command["cmd"].as_str() {
+            Some("register") => return Ok(()),
+            Some("exit") => {
+                let code = command["code"].as_i64().unwrap_or(0);
+                std::process::exit(i32::try_from(code).unwrap_or(1));
+            }
+            _ => reporter.report(json!({
+                "event": "error",
+                "command": command,
+                "message": "not registered yet: only `register` and `exit` are accepted",
+            })),
+        }
+    }
+}
+
+/// `PROBE_STUCK_*` and `PROBE_SLOW_*`: what this probe's message handler
+/// does after reporting a message.
+struct Misbehaviour {
+    /// Get stuck on the first message of this action (`Some(None)`: any).
+    stuck: Option<Option<String>>,
+    /// Block this long per message.
+    slow: Option<Duration>,
+}
+
+impl Misbehaviour {
+    fn from_env() -> anyhow::Result<Misbehaviour> {
+        let stuck = if selected("STUCK")? {
+            Some(
+                std::env::var("PROBE_STUCK_ACTION")
+                    .ok()
+                    .filter(|a| !a.trim().is_empty()),
+            )
+        } else {
+            None
+        };
+        let slow = if selected("SLOW")? {
+            Some(Duration::from_micros(u64::from(env_u32("PROBE_SLOW_US")?)))
+        } else {
+            None
+        };
+        Ok(Misbehaviour { stuck, slow })
+    }
+
+    fn after_message(&self, m: &Message, reporter: &Reporter) {
+        if let Some(action) = &self.stuck {
+            if action.as_deref().is_none_or(|a| a == &*m.action) {
+                tracing::info!(action = %m.action, "told to get stuck: blocking the message handler forever");
+                reporter.report(json!({ "event": "stuck", "action": &*m.action }));
+                // The probe runs on one thread: blocking it here stops the
+                // whole process from reading its stream, as a stuck
+                // handler in a real worker would. Only a signal ends it.
+                loop {
+                    std::thread::park();
+                }
+            }
+        }
+        if let Some(delay) = self.slow {
+            std::thread::sleep(delay);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `PROBE_TALLY_ACTIONS`: counts instead of one event per message.
+#[derive(Default)]
+struct Tally {
+    /// The tallied actions.
+    actions: std::collections::HashSet<String>,
+    /// Per (action, sender pid).
+    messages: std::collections::BTreeMap<(String, u32), Series>,
+    /// Per (action, code, worker id): how many, and the first reason.
+    undelivered: std::collections::BTreeMap<(String, String, u32), (u64, String)>,
+}
+
+/// The messages of one (action, sender pid).
+#[derive(Default)]
+struct Series {
+    count: u64,
+    first: Option<u64>,
+    last: Option<u64>,
+    decreases: u64,
+    jumps: u64,
+    /// Messages without a `seq`.
+    unnumbered: u64,
+}
+
+impl Tally {
+    fn from_env() -> Tally {
+        let actions = std::env::var("PROBE_TALLY_ACTIONS").unwrap_or_default();
+        Tally {
+            actions: actions
+                .split(',')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            ..Tally::default()
+        }
+    }
+
+    fn message(&mut self, m: &Message) {
+        let series = self
+            .messages
+            .entry((m.action.to_string(), m.from.pid))
+            .or_default();
+        series.count += 1;
+        let seq = m.json::<Value>().ok().and_then(|v| v["seq"].as_u64());
+        let Some(seq) = seq else {
+            series.unnumbered += 1;
+            return;
+        };
+        match series.last {
+            Some(last) if seq <= last => series.decreases += 1,
+            Some(last) if seq > last + 1 => series.jumps += 1,
+            _ => {}
+        }
+        series.first.get_or_insert(seq);
+        series.last = Some(seq);
+    }
+
+    fn undelivered(&mut self, r: &SendResult) {
+        for u in &r.undelivered {
+            let entry = self
+                .undelivered
+                .entry((r.action.to_string(), format!("{:?}", u.code), u.worker_id))
+                .or_insert_with(|| (0, u.message.clone()));
+            entry.0 += 1;
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        let messages: Vec<Value> = self
+            .messages
+            .iter()
+            .map(|((action, from_pid), s)| {
+                json!({
+                    "action": action,
+                    "from_pid": from_pid,
+                    "count": s.count,
+                    "first": s.first,
+                    "last": s.last,
+                    "decreases": s.decreases,
+                    "jumps": s.jumps,
+                    "unnumbered": s.unnumbered,
+                })
+            })
+            .collect();
+        let undelivered: Vec<Value> = self
+            .undelivered
+            .iter()
+            .map(|((action, code, worker_id), (count, message))| {
+                json!({
+                    "action": action,
+                    "code": code,
+                    "worker_id": worker_id,
+                    "count": count,
+                    "message": message,
+                })
+            })
+            .collect();
+        json!({ "event": "tally", "messages": messages, "undelivered": undelivered })
+    }
 }
 
 /// The control reader thread: commands to the executor, `exit` at once.
@@ -626,7 +909,12 @@ fn read_commands(
 }
 
 /// Runs the test's commands in order.
-async fn execute(face: Face, mut commands: mpsc::UnboundedReceiver<Value>, reporter: Reporter) {
+async fn execute(
+    face: Face,
+    mut commands: mpsc::UnboundedReceiver<Value>,
+    reporter: Reporter,
+    tally: Arc<Mutex<Tally>>,
+) {
     let face = Arc::new(face);
     let mut ticks: HashMap<String, Arc<AtomicBool>> = HashMap::new();
     while let Some(command) = commands.recv().await {
@@ -639,6 +927,12 @@ async fn execute(face: Face, mut commands: mpsc::UnboundedReceiver<Value>, repor
                 .map_err(anyhow::Error::from),
             Some("send") => send(&face, &command, &reporter).await,
             Some("tick") => start_ticks(&face, &command, &reporter, &mut ticks),
+            Some("tally") => {
+                let mut event = lock(&tally).to_json();
+                event["id"] = command["id"].clone();
+                reporter.report(event);
+                Ok(())
+            }
             Some("tick-stop") => match ticks.get(&command["id"].to_string()) {
                 Some(stop) => {
                     stop.store(true, Ordering::SeqCst);

@@ -1013,6 +1013,69 @@ impl Cluster {
     }
 }
 
+/// Additions for the reliability suite: taking events without a deadline
+/// failure, and the master's memory.
+impl Cluster {
+    /// Takes the events that arrive until `until` (those already queued at
+    /// once) into the history, without failing when none come. Returns how
+    /// many were taken. For loops that must do other things meanwhile (e.g.
+    /// kill processes at chosen moments) and scan the history themselves.
+    pub async fn poll_events(&mut self, until: tokio::time::Instant) -> usize {
+        let before = self.history.len();
+        while let Ok(event) = self.events.try_recv() {
+            self.history.push(event);
+        }
+        if self.history.len() == before {
+            self.pump(until).await;
+        }
+        self.history.len() - before
+    }
+
+    /// Asks the process with this pid for its `tally` (see the probe's
+    /// `PROBE_TALLY_ACTIONS`) and returns it. The tally covers everything
+    /// the probe handled before it read the command.
+    pub async fn tally_pid(&mut self, pid: u32) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.command_pid(pid, json!({ "cmd": "tally", "id": id }))
+            .await;
+        self.wait_for(&format!("tally #{id} from pid {pid}"), |e| {
+            e.pid == pid && e.kind() == "tally" && e.body["id"] == id
+        })
+        .await
+        .body
+    }
+
+    /// The master's resident memory now and at its peak, in KiB (`VmRSS`
+    /// and `VmHWM` of /proc/PID/status).
+    pub fn master_memory(&mut self) -> MemoryKib {
+        let path = format!("/proc/{}/status", self.master_pid);
+        let status = match std::fs::read_to_string(&path) {
+            Ok(status) => status,
+            Err(e) => self.fail(&format!("cannot read {path}: {e}")),
+        };
+        let field = |name: &str| -> Option<u64> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        };
+        match (field("VmRSS:"), field("VmHWM:")) {
+            (Some(rss), Some(hwm)) => MemoryKib { rss, hwm },
+            _ => self.fail(&format!("no VmRSS / VmHWM in {path}:\n{status}")),
+        }
+    }
+}
+
+/// A process's resident memory, in KiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryKib {
+    /// Resident now (`VmRSS`).
+    pub rss: u64,
+    /// The peak resident size so far (`VmHWM`).
+    pub hwm: u64,
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         // CLUTCH_E2E_DUMP=1 prints every cluster's report, also on success
