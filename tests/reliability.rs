@@ -180,13 +180,11 @@ async fn a_stream_whose_first_frame_is_not_register_is_invalid_argument() {
 /// A cluster whose app worker 2 (first incarnation) says hello with its
 /// secret before registering and waits for the `register` command: its slot
 /// is spawned but not registered for as long as the test needs.
-async fn cluster_with_unregistered_app_2(extra_toml: &str) -> (Cluster, String, String) {
+async fn cluster_with_unregistered_app_2(opts: Options) -> (Cluster, String, String) {
     let mut c = Cluster::start(
-        Options::new(2)
-            .actions(&[CHECK])
+        opts.actions(&[CHECK])
             .env("PROBE_DEFER_REGISTER_WORKER", "2")
-            .env("PROBE_DEFER_REGISTER_INCARNATIONS", "1")
-            .toml(extra_toml),
+            .env("PROBE_DEFER_REGISTER_INCARNATIONS", "1"),
     )
     .await;
     let addr = c.addr().await;
@@ -204,7 +202,7 @@ async fn cluster_with_unregistered_app_2(extra_toml: &str) -> (Cluster, String, 
 
 #[tokio::test]
 async fn bad_registrations_get_the_precise_status_and_the_slot_stays_usable() {
-    let (mut c, addr, secret) = cluster_with_unregistered_app_2("").await;
+    let (mut c, addr, secret) = cluster_with_unregistered_app_2(Options::new(2)).await;
     let agent_secret = c.probe(AGENT).await.secret;
     let app1_secret = c.probe(1).await.secret;
 
@@ -270,9 +268,10 @@ async fn bad_registrations_get_the_precise_status_and_the_slot_stays_usable() {
 
 #[tokio::test]
 async fn a_second_register_on_a_stream_is_failed_precondition() {
-    let (mut c, addr, secret) =
-        cluster_with_unregistered_app_2("[restart]\nbackoff_initial_ms = 5\nbackoff_max_ms = 20")
-            .await;
+    let (mut c, addr, secret) = cluster_with_unregistered_app_2(
+        Options::new(2).toml("[restart]\nbackoff_initial_ms = 5\nbackoff_max_ms = 20"),
+    )
+    .await;
     // The test registers in app 2's place, says ready, and the cluster
     // passes its barrier with it.
     let channel = raw::connect(&addr).await;
@@ -1153,4 +1152,262 @@ async fn stuck_flood(n: u64, strict: bool) {
         ));
     }
     assert_still_working(&mut c, "after-the-stuck-flood", &[AGENT, 1]).await;
+}
+
+#[tokio::test]
+async fn slow_consumer_restart_restarts_a_stuck_worker_and_its_next_process_gets_everything() {
+    const N: u64 = 6000;
+    let mut c = Cluster::start_ready(
+        Options::new(2)
+            .actions(&[CHECK, "flood"])
+            .env("PROBE_TALLY_ACTIONS", "flood")
+            .env("PROBE_STUCK_WORKER", "2")
+            .env("PROBE_STUCK_INCARNATIONS", "1")
+            .env("PROBE_STUCK_ACTION", "flood")
+            // Room for the whole flood, so nothing is refused: the stuck
+            // worker passes the high watermark (4000), the agent waits
+            // flow_ms for it in vain, and the policy restarts it.
+            .toml(&format!(
+                "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n\
+                 [limits]\nslow_consumer = \"restart\"\nmailbox_messages = 8000\n\
+                 [timeouts]\nflow_ms = 200\nshutdown_ms = 300\n\
+                 [restart]\nbackoff_initial_ms = 5\nbackoff_max_ms = 20"
+            )),
+    )
+    .await;
+    let addr = c.addr().await;
+    let agent = c.pid_of(AGENT).await;
+    let app1 = c.pid_of(1).await;
+    let stuck = c.pid_of(2).await;
+    c.send_ok(
+        AGENT,
+        SendCmd::new(Route::Apps, "flood")
+            .data(json!("p"))
+            .count(N)
+            .seq()
+            .emit(),
+    )
+    .await;
+    c.wait_for("app 2 stuck", |e| e.pid == stuck && e.kind() == "stuck")
+        .await;
+    c.wait_master_log("the restart decision", |log| {
+        log.contains("app worker 2 is not reading its messages: restarting it")
+    })
+    .await;
+    // It ignores the shutdown notice (it reads nothing): SIGTERM follows
+    // after shutdown_ms, and the slot's next process takes over its
+    // mailbox, including what the stuck one had received but not
+    // acknowledged.
+    let next = c.probe_incarnation(2, 2).await;
+    c.wait_for("egg-ready at app 2's next process", |e| {
+        e.pid == next.pid && e.kind() == "egg-ready"
+    })
+    .await;
+    c.barrier(AGENT).await;
+    for (who, pid) in [("app 1", app1), ("app 2's next process", next.pid)] {
+        let tally = c.tally_pid(pid).await;
+        assert_complete_in_order(&mut c, who, &tally, "flood", agent, N);
+    }
+    let tally = c.tally_pid(agent).await;
+    let list = admin_list(&mut c, &addr).await;
+    if !tallied_undelivered(&tally).is_empty() || list.iter().any(|p| p.dropped != 0) {
+        c.fail(&format!(
+            "nothing should have been refused: {tally} {list:?}"
+        ));
+    }
+    if list[2].incarnation != 2 || list[2].restarts != 1 {
+        c.fail(&format!("app 2 should have been restarted once: {list:?}"));
+    }
+    let stderr = c.master_stderr();
+    let exit = log_lines(&stderr, &[&format!("pid={stuck}"), "exited with signal 15"]);
+    if exit.len() != 1 {
+        c.fail("the stuck worker should have been ended by SIGTERM after shutdown_ms");
+    }
+    assert_still_working(&mut c, "after-the-restart", &[AGENT, 1, 2]).await;
+}
+
+#[tokio::test]
+async fn a_flooding_sender_is_slowed_by_flow_control_and_loses_nothing() {
+    const N: u64 = 8000;
+    const SLOW_US: u64 = 100;
+    const MAILBOX_BOUND: u64 = 1000;
+    let mut c = Cluster::start_ready(
+        Options::new(2)
+            .actions(&[CHECK, "up"])
+            .env("PROBE_TALLY_ACTIONS", "up")
+            // The agent handles each message in 100 µs: slow, but reading.
+            .env("PROBE_SLOW_WORKER", "0")
+            .env("PROBE_SLOW_US", &SLOW_US.to_string())
+            .toml(&format!(
+                "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n\
+                 [limits]\nmailbox_messages = {MAILBOX_BOUND}\n"
+            )),
+    )
+    .await;
+    let addr = c.addr().await;
+    let agent = c.pid_of(AGENT).await;
+    let apps = [c.pid_of(1).await, c.pid_of(2).await];
+    let before = c.master_memory();
+    // Both apps flood the agent at once, fire-and-forget: 16000 messages
+    // against a mailbox of 1000. Without flow control most would be
+    // refused; with it the senders go at the agent's pace.
+    let started = Instant::now();
+    let cmd = SendCmd::new(Route::Agent, "up")
+        .data(json!("p".repeat(100)))
+        .count(N)
+        .seq()
+        .emit();
+    let ids = [c.send(1, &cmd).await, c.send(2, &cmd).await];
+    for (w, id) in [1, 2].into_iter().zip(ids) {
+        let report = c.sent(w, id, 1).await.remove(0);
+        if report["ok"] != true {
+            c.fail(&format!("app {w}'s flood failed: {report}"));
+        }
+    }
+    let emitted = started.elapsed();
+    let peak_during = c.master_memory();
+    c.barrier(1).await;
+    c.barrier(2).await;
+    let drained = started.elapsed();
+    let after = c.master_memory();
+    let tally = c.tally_pid(agent).await;
+    for (w, pid) in [1, 2].into_iter().zip(apps) {
+        assert_complete_in_order(
+            &mut c,
+            &format!("the agent (from app {w})"),
+            &tally,
+            "up",
+            pid,
+            N,
+        );
+        let app_tally = c.tally_pid(pid).await;
+        if !tallied_undelivered(&app_tally).is_empty() {
+            c.fail(&format!("app {w} had messages refused: {app_tally}"));
+        }
+    }
+    let list = admin_list(&mut c, &addr).await;
+    if list.iter().any(|p| p.dropped != 0) {
+        c.fail(&format!(
+            "nothing may be dropped under flow control: {list:?}"
+        ));
+    }
+    let stderr = c.master_stderr();
+    if !log_lines(&stderr, &["not reading its messages"]).is_empty()
+        || !log_lines(&stderr, &["mailbox full"]).is_empty()
+    {
+        c.fail("a slow agent that keeps reading must not be treated as stuck");
+    }
+    // 16000 messages went through a 1000-message mailbox without one
+    // refusal: routing waited for the agent (flow control). While it waits
+    // the master stops reading the senders' streams, so what they send
+    // meanwhile stays in the bounded transport windows (HTTP/2 and the
+    // SDK's send queue), not in the master's memory.
+    let agent_time = Duration::from_micros(2 * N * SLOW_US);
+    let growth_kib = after.rss.max(peak_during.rss).saturating_sub(before.rss);
+    println!(
+        "flow control: 2 x {N} messages to a {SLOW_US} µs/message agent through a {MAILBOX_BOUND}-message mailbox: \
+         emits done after {emitted:?}, all handled after {drained:?} (the agent's handler alone: {agent_time:?}); \
+         master RSS {} -> {} KiB (+{growth_kib} KiB)",
+        before.rss,
+        after.rss
+    );
+    if drained < agent_time {
+        c.fail(&format!(
+            "the agent cannot have handled everything in {drained:?}"
+        ));
+    }
+    if growth_kib > 16 * 1024 {
+        c.fail(&format!(
+            "the master grew by {growth_kib} KiB under flow control"
+        ));
+    }
+    assert_still_working(&mut c, "after-flow-control", &[AGENT, 1, 2]).await;
+}
+
+#[tokio::test]
+async fn a_child_that_registers_and_never_reads_costs_the_others_nothing() {
+    const N: u64 = 20_000;
+    const BOUND: u64 = 2000;
+    let (mut c, addr, secret) = cluster_with_unregistered_app_2(
+        Options::new(2)
+            .actions(&["flood"])
+            .env("PROBE_TALLY_ACTIONS", "flood")
+            .toml(&format!(
+                "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n\
+                 [limits]\nmailbox_messages = {BOUND}\n\
+                 [timeouts]\nflow_ms = 200\nshutdown_ms = 200"
+            )),
+    )
+    .await;
+    // The test takes app 2's place: registers (without acks), says ready,
+    // and never reads a frame, not even the welcome.
+    let channel = raw::connect(&addr).await;
+    let silent = match raw::attach(
+        &channel,
+        vec![raw::register(&secret, raw::ROLE_APP, false), raw::ready()],
+    )
+    .await
+    {
+        Ok(stream) => stream,
+        Err(status) => c.fail(&format!("registering with app 2's secret: {status:?}")),
+    };
+    c.wait_until("egg-ready at the agent and app 1", |h| {
+        [AGENT, 1].iter().all(|&w| {
+            h.iter()
+                .any(|e| e.worker_id == w && e.kind() == "egg-ready")
+        })
+    })
+    .await;
+    let agent = c.pid_of(AGENT).await;
+    let app1 = c.pid_of(1).await;
+    let before = c.master_memory();
+    c.send_ok(
+        AGENT,
+        SendCmd::new(Route::Apps, "flood")
+            .data(json!("p".repeat(100)))
+            .count(N)
+            .seq()
+            .emit(),
+    )
+    .await;
+    let list = wait_admin(
+        &mut c,
+        &addr,
+        "the flood routed and its reports read",
+        |l| l.len() == 3 && l[2].delivered + l[2].dropped >= N && l[0].pending == 0,
+    )
+    .await;
+    let after = c.master_memory();
+    c.barrier_among(AGENT, &[AGENT, 1]).await;
+    let tally = c.tally_pid(app1).await;
+    assert_complete_in_order(&mut c, "app 1", &tally, "flood", agent, N);
+    // The silent stream got what its mailbox and the transport windows
+    // hold; the rest was refused, counted and reported to the sender.
+    let tally = c.tally_pid(agent).await;
+    let undelivered = tallied_undelivered(&tally);
+    let key = ("flood".to_owned(), "ResourceExhausted".to_owned(), 2);
+    let (reported, reason) = undelivered.get(&key).cloned().unwrap_or_default();
+    if list[2].pending > BOUND + 1024
+        || list[2].dropped == 0
+        || reported + list[0].dropped != list[2].dropped
+        || !reason.contains(&format!(
+            "the mailbox of app worker 2 is full ({BOUND} messages)"
+        ))
+    {
+        c.fail(&format!(
+            "a silent app 2: its refusals should all be reported or counted at the sender ({reported} reported): {list:?} {undelivered:?}"
+        ));
+    }
+    let growth_kib = after.rss.saturating_sub(before.rss);
+    println!(
+        "silent reader: {N} messages, app 2 took {} (pending {}), refused {}, reported {reported}; master RSS +{growth_kib} KiB",
+        list[2].delivered, list[2].pending, list[2].dropped
+    );
+    if growth_kib > 16 * 1024 {
+        c.fail(&format!(
+            "the master grew by {growth_kib} KiB for a silent reader"
+        ));
+    }
+    assert_still_working(&mut c, "with-a-silent-reader", &[AGENT, 1]).await;
+    drop(silent);
 }
