@@ -59,6 +59,10 @@ struct Cli {
     /// Do not run Egg.
     #[arg(long)]
     no_egg: bool,
+    /// Before every run, wait (up to 30 min) until less than this percentage
+    /// of one core was busy for a second; 0 disables (default 15, smoke 0).
+    #[arg(long)]
+    quiet_percent: Option<f64>,
     /// Skip the start with Python app workers.
     #[arg(long)]
     no_python: bool,
@@ -124,6 +128,12 @@ fn main() {
     }
     if let Some(ms) = cli.settle_ms {
         opts.settle = Duration::from_millis(ms);
+    }
+    if let Some(p) = cli.quiet_percent {
+        opts.quiet_share = (p > 0.0).then_some(p / 100.0);
+        if opts.quiet_wait.is_zero() {
+            opts.quiet_wait = Duration::from_secs(1800);
+        }
     }
     if cli.no_python {
         opts.python_start = false;

@@ -91,6 +91,11 @@ pub struct Options {
     pub results_dir: Option<PathBuf>,
     /// Progress lines on stderr.
     pub verbose: bool,
+    /// Before every scenario run, wait until less than this share of one
+    /// core was busy for a second (None: do not wait).
+    pub quiet_share: Option<f64>,
+    /// How long to wait for quiet before going on anyway.
+    pub quiet_wait: Duration,
     /// Also time Clutch's start with the Python example worker as the app
     /// workers (needs the packages the conformance suite installs into
     /// `.deps/python`).
@@ -124,6 +129,8 @@ impl Options {
             egg: EggPolicy::Run { install: true },
             results_dir: Some(bench_dir().join("results")),
             verbose: true,
+            quiet_share: Some(0.15),
+            quiet_wait: Duration::from_secs(1800),
             python_start: true,
             perf_dir: None,
         }
@@ -151,6 +158,8 @@ impl Options {
             egg: EggPolicy::Run { install: false },
             results_dir: None,
             verbose: false,
+            quiet_share: None,
+            quiet_wait: Duration::from_secs(0),
             python_start: false,
             perf_dir: None,
         }
@@ -342,8 +351,18 @@ async fn run_async(opts: &Options) -> anyhow::Result<Report> {
         .map(|(a, b)| a.saturating_sub(b));
     let rows = b.rows(&egg_status);
     let other = report::Stat::of(&b.other_share);
+    let gate = match opts.quiet_share {
+        Some(share) => format!(
+            "every run started after a second with < {:.0}% of a core busy ({} of {} runs had to wait, {} started busy anyway); ",
+            share * 100.0,
+            b.rec.quiet_waits.iter().filter(|w| **w > 1.5).count(),
+            b.rec.quiet_waits.len() + b.rec.not_quiet.len(),
+            b.rec.not_quiet.len()
+        ),
+        None => String::new(),
+    };
     let quiet_summary = format!(
-        "load average {:.2} before, {:.2} after; CPU used outside the measured processes during floods: median {} of one core (max {})",
+        "{gate}load average {:.2} before, {:.2} after; CPU used outside the measured processes during floods: median {} of one core (max {})",
         load_before[0],
         load_after[0],
         other.as_ref().map(|s| format!("{:.0}%", s.median * 100.0)).unwrap_or_else(|| "?".into()),
@@ -382,6 +401,9 @@ async fn run_async(opts: &Options) -> anyhow::Result<Report> {
             "loadavg_before": load_before,
             "loadavg_after": load_after,
             "other_cpu_share_during_floods": other,
+            "quiet_share_gate": opts.quiet_share,
+            "quiet_wait_s": b.rec.quiet_waits,
+            "started_busy": b.rec.not_quiet,
             "machine_busy_s": busy_total.map(|ns| ns as f64 / 1e9),
         }),
         rows,
@@ -461,6 +483,8 @@ const MIB: f64 = 1024.0 * 1024.0;
 impl<'a> Bench<'a> {
     /// Runs one scenario; a failure is recorded and the benchmark goes on.
     async fn scenario(&mut self, scenario: Scenario, sys: System, run: usize) {
+        self.wait_quiet(&format!("{} {scenario:?} run {}", sys.key(), run + 1))
+            .await;
         let result = match scenario {
             Scenario::FanOut => self.fanout(sys, run).await,
             Scenario::FanIn(factor) => self.fanin(sys, run, factor).await,
@@ -475,6 +499,53 @@ impl<'a> Bench<'a> {
             self.rec.failures.push(msg);
         }
         tokio::time::sleep(self.opts.pause).await;
+    }
+
+    /// Waits until the rest of the machine has been quiet for a second
+    /// (less than `quiet_share` of one core busy), so a run does not start
+    /// in the middle of someone else's build. Gives up after `quiet_wait`.
+    async fn wait_quiet(&mut self, what: &str) {
+        let Some(max) = self.opts.quiet_share else {
+            return;
+        };
+        let began = Instant::now();
+        let mut told = false;
+        loop {
+            let b0 = procfs::machine_busy_ns();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let share = procfs::machine_busy_ns()
+                .zip(b0)
+                .map(|(b1, b0)| b1.saturating_sub(b0) as f64 / 1e9)
+                .unwrap_or(0.0);
+            if share <= max {
+                if told {
+                    progress!(
+                        self.opts,
+                        "bench: quiet again after {:.0} s",
+                        began.elapsed().as_secs_f64()
+                    );
+                }
+                self.rec.quiet_waits.push(began.elapsed().as_secs_f64());
+                return;
+            }
+            if !told {
+                progress!(
+                    self.opts,
+                    "bench: the machine is busy ({:.0}% of a core outside the benchmark); waiting before {what}",
+                    share * 100.0
+                );
+                told = true;
+            }
+            if began.elapsed() >= self.opts.quiet_wait {
+                progress!(
+                    self.opts,
+                    "bench: still busy after {:?}; going on",
+                    self.opts.quiet_wait
+                );
+                self.rec.not_quiet.push(what.to_owned());
+                return;
+            }
+        }
     }
 
     fn start_timeout(&self, workers: u32) -> Duration {

@@ -153,6 +153,10 @@ pub struct Recorder {
     pub samples: BTreeMap<(System, String), Vec<f64>>,
     pub runs: Vec<Value>,
     pub failures: Vec<String>,
+    /// Seconds each run waited for a quiet machine.
+    pub quiet_waits: Vec<f64>,
+    /// Runs that started although the machine was still busy.
+    pub not_quiet: Vec<String>,
 }
 
 impl Recorder {
