@@ -22,12 +22,12 @@ mod support;
 #[path = "reliability/raw.rs"]
 mod raw;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
-use support::{Cluster, Event, Options, Route, SendCmd, DEADLINE};
+use support::{Cluster, Event, Options, Route, SendCmd, TickCmd, DEADLINE};
 use tonic::Code;
 
 /// The agent's worker id in the harness.
@@ -1410,4 +1410,502 @@ async fn a_child_that_registers_and_never_reads_costs_the_others_nothing() {
     }
     assert_still_working(&mut c, "with-a-silent-reader", &[AGENT, 1]).await;
     drop(silent);
+}
+
+// ---- chaos -------------------------------------------------------------------------------
+
+/// agent → apps (sendToApp), numbered per agent process.
+const A2P: &str = "chaos-a2p";
+/// app → agent (sendToAgent), numbered per app process.
+const P2A: &str = "chaos-p2a";
+/// app → app (sendTo pid), numbered per (sender, receiver) process pair.
+const TO: &str = "chaos-to";
+/// A confirmed broadcast right after each kill, to count what is held.
+const HELD: &str = "chaos-held";
+
+/// The soak's length (`CLUTCH_CHAOS_SECS`; 60 for the full soak).
+fn chaos_secs() -> f64 {
+    std::env::var("CLUTCH_CHAOS_SECS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(4.0)
+}
+
+/// xorshift64*, seeded from the OS or `CLUTCH_CHAOS_SEED`.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded() -> (Rng, u64) {
+        let seed = std::env::var("CLUTCH_CHAOS_SEED")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| getrandom::u64().expect("the OS has randomness"));
+        (Rng(seed | 1), seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Where a tick series goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Aim {
+    Apps,
+    Agent,
+    Pid(u32),
+}
+
+/// One numbered series of fire-and-forget sends from one process.
+#[derive(Clone, Debug)]
+struct Series {
+    id: u64,
+    sender: u32,
+    action: &'static str,
+    aim: Aim,
+}
+
+/// The soak's view of the cluster while it runs.
+#[derive(Default)]
+struct Chaos {
+    workers: u32,
+    /// The newest process of each slot (by its hello).
+    current: HashMap<u32, u32>,
+    /// Slot of every process that said hello.
+    slot_of: HashMap<u32, u32>,
+    /// Processes that got egg-ready and were not killed.
+    ready: BTreeSet<u32>,
+    killed: BTreeSet<u32>,
+    kills_by_slot: BTreeMap<u32, u32>,
+    series: Vec<Series>,
+    /// Sends per series, from its `ticked` report (senders that survived).
+    sent: HashMap<u64, u64>,
+    /// Where `absorb` got to in the history.
+    scanned: usize,
+    /// (token, report) of each confirmed HELD broadcast.
+    held: Vec<(u64, Value)>,
+    rss: Vec<u64>,
+}
+
+impl Chaos {
+    fn alive(&self, pid: u32) -> bool {
+        !self.killed.contains(&pid)
+    }
+
+    /// Takes in the events since the last call: new processes, and new
+    /// ready ones, which start their series.
+    async fn absorb(&mut self, c: &mut Cluster) {
+        let fresh: Vec<Event> = c.history()[self.scanned..]
+            .iter()
+            .filter(|e| matches!(e.kind(), "hello" | "egg-ready" | "error" | "bad-line"))
+            .cloned()
+            .collect();
+        self.scanned = c.history().len();
+        for e in fresh {
+            match e.kind() {
+                "hello" => {
+                    self.slot_of.insert(e.pid, e.worker_id);
+                    self.current.insert(e.worker_id, e.pid);
+                }
+                "egg-ready"
+                    if self.alive(e.pid) && self.current.get(&e.worker_id) == Some(&e.pid) =>
+                {
+                    self.ready.insert(e.pid);
+                    self.start_series(c, e.pid, e.worker_id).await;
+                }
+                "egg-ready" => {}
+                _ => c.fail(&format!("a probe reported a problem: {e}")),
+            }
+        }
+    }
+
+    async fn start(&mut self, c: &mut Cluster, sender: u32, action: &'static str, aim: Aim) {
+        let route = match aim {
+            Aim::Apps => Route::Apps,
+            Aim::Agent => Route::Agent,
+            Aim::Pid(pid) => Route::Pid(pid),
+        };
+        let id = c
+            .tick_pid(sender, &TickCmd::new(route, action).every_ms(10))
+            .await;
+        self.series.push(Series {
+            id,
+            sender,
+            action,
+            aim,
+        });
+    }
+
+    async fn start_series(&mut self, c: &mut Cluster, pid: u32, slot: u32) {
+        if slot == AGENT {
+            self.start(c, pid, A2P, Aim::Apps).await;
+            return;
+        }
+        self.start(c, pid, P2A, Aim::Agent).await;
+        let peers: Vec<u32> = self
+            .ready
+            .iter()
+            .copied()
+            .filter(|&p| p != pid && self.slot_of.get(&p).is_some_and(|&s| s != AGENT))
+            .collect();
+        for peer in peers {
+            self.start(c, pid, TO, Aim::Pid(peer)).await;
+            self.start(c, peer, TO, Aim::Pid(pid)).await;
+        }
+    }
+
+    /// SIGKILLs one process chosen at random among the newest of each slot;
+    /// stops the series aimed at it, and has another process send a
+    /// confirmed broadcast at once (held for the victim's slot).
+    async fn kill_one(&mut self, c: &mut Cluster, rng: &mut Rng) {
+        let candidates: Vec<(u32, u32)> = self
+            .current
+            .iter()
+            .map(|(&slot, &pid)| (slot, pid))
+            .filter(|&(_, pid)| self.alive(pid))
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let (slot, victim) = candidates[rng.below(candidates.len() as u64) as usize];
+        c.kill_pid(victim, Signal::SIGKILL);
+        self.killed.insert(victim);
+        self.ready.remove(&victim);
+        *self.kills_by_slot.entry(slot).or_default() += 1;
+        let aimed: Vec<Series> = self
+            .series
+            .iter()
+            .filter(|s| {
+                s.aim == Aim::Pid(victim) && self.alive(s.sender) && !self.sent.contains_key(&s.id)
+            })
+            .cloned()
+            .collect();
+        for s in aimed {
+            let report = c.tick_stop_pid(s.sender, s.id).await;
+            self.sent
+                .insert(s.id, report["count"].as_u64().unwrap_or(0));
+        }
+        let senders: Vec<u32> = self.ready.iter().copied().collect();
+        if senders.is_empty() {
+            return;
+        }
+        let sender = senders[rng.below(senders.len() as u64) as usize];
+        let token = self.held.len() as u64;
+        let from = self.slot_of[&sender];
+        let id = c
+            .send(
+                from,
+                &SendCmd::new(Route::Broadcast, HELD).data(json!(token)),
+            )
+            .await;
+        let report = c.sent(from, id, 1).await.remove(0);
+        self.held.push((token, report));
+    }
+}
+
+/// What the soak found, for the summary and the verdict.
+#[derive(Default, Debug)]
+struct Verdict {
+    sent: u64,
+    delivered: u64,
+    duplicates: u64,
+    reported: u64,
+    /// Reported to the sender although the receiver had handled it (it
+    /// died before acknowledging).
+    overlap: u64,
+    lost: u64,
+    held: u64,
+    problems: Vec<String>,
+}
+
+fn analyse(c: &Cluster, chaos: &Chaos) -> Verdict {
+    let mut v = Verdict::default();
+    // (sender pid, action, receiver slot) -> [(receiver pid, seq)] in order.
+    let mut got: HashMap<(u32, String, u32), Vec<(u32, u64)>> = HashMap::new();
+    // (sender pid, action, receiver slot, pinned pid or 0) -> reports.
+    let mut reports: HashMap<(u32, String, u32, u32), u64> = HashMap::new();
+    let mut held_at: HashMap<u32, BTreeSet<u64>> = HashMap::new();
+    let mut egg_ready: HashMap<u32, u32> = HashMap::new();
+    for e in c.history() {
+        match e.kind() {
+            "message" if [A2P, P2A, TO].contains(&e.action()) => {
+                let from = e.body["from_pid"].as_u64().unwrap_or(0) as u32;
+                let seq = e.seq().unwrap_or(u64::MAX);
+                got.entry((from, e.action().to_owned(), e.worker_id))
+                    .or_default()
+                    .push((e.pid, seq));
+            }
+            "message" if e.action() == HELD => {
+                if let Some(token) = e.data().as_u64() {
+                    held_at.entry(e.worker_id).or_default().insert(token);
+                }
+            }
+            "undelivered" => {
+                for f in failures(&e.body) {
+                    let worker = f["worker_id"].as_u64().unwrap_or(0) as u32;
+                    let pinned = if e.action() == TO {
+                        f["pid"].as_u64().unwrap_or(0) as u32
+                    } else {
+                        0
+                    };
+                    *reports
+                        .entry((e.pid, e.action().to_owned(), worker, pinned))
+                        .or_default() += 1;
+                    v.reported += 1;
+                }
+            }
+            "egg-ready" => *egg_ready.entry(e.pid).or_default() += 1,
+            _ => {}
+        }
+    }
+
+    for s in &chaos.series {
+        let receivers: Vec<(u32, u32)> = match s.aim {
+            Aim::Apps => (1..=chaos.workers).map(|w| (w, 0)).collect(),
+            Aim::Agent => vec![(AGENT, 0)],
+            Aim::Pid(pid) => vec![(chaos.slot_of[&pid], pid)],
+        };
+        let known = chaos.sent.get(&s.id).copied();
+        let mut highest = 0;
+        for (slot, pinned) in receivers {
+            let all = got
+                .get(&(s.sender, s.action.to_owned(), slot))
+                .cloned()
+                .unwrap_or_default();
+            // A pid-aimed series shares (sender, action, slot) with the
+            // series the same sender aimed at the slot's other processes.
+            let list: Vec<(u32, u64)> = all
+                .into_iter()
+                .filter(|&(pid, _)| pinned == 0 || pid == pinned)
+                .collect();
+            // Ordering: strictly increasing within each receiving process.
+            let mut last: HashMap<u32, u64> = HashMap::new();
+            for &(pid, seq) in &list {
+                if let Some(&prev) = last.get(&pid) {
+                    if seq <= prev {
+                        v.problems.push(format!(
+                            "{} #{} from pid {}: pid {pid} got {seq} after {prev}",
+                            s.action, s.id, s.sender
+                        ));
+                    }
+                }
+                last.insert(pid, seq);
+            }
+            let distinct: BTreeSet<u64> = list.iter().map(|&(_, q)| q).collect();
+            let dups = list.len() as u64 - distinct.len() as u64;
+            if pinned != 0 && dups > 0 {
+                v.problems.push(format!(
+                    "{} #{}: pid {pinned} got {dups} duplicates (at most once per process)",
+                    s.action, s.id
+                ));
+            }
+            let upper = known.unwrap_or_else(|| distinct.last().map_or(0, |m| m + 1));
+            highest = highest.max(upper);
+            let missing: Vec<u64> = (0..upper).filter(|q| !distinct.contains(q)).collect();
+            let told = reports
+                .get(&(s.sender, s.action.to_owned(), slot, pinned))
+                .copied()
+                .unwrap_or(0);
+            let lost = (missing.len() as u64).saturating_sub(told);
+            if pinned != 0 {
+                // A process gets a prefix of what was aimed at it; the rest
+                // is reported NOT_FOUND once it is gone.
+                let prefix = distinct.iter().copied().eq(0..distinct.len() as u64);
+                if !prefix {
+                    v.problems.push(format!(
+                        "{} #{} from pid {} to pid {pinned}: not a prefix: {:?}",
+                        s.action,
+                        s.id,
+                        s.sender,
+                        distinct.iter().take(20).collect::<Vec<_>>()
+                    ));
+                }
+            }
+            if lost > 0 {
+                v.problems.push(format!(
+                    "{} #{} from pid {} (sent {upper}{}) at slot {slot}{}: {} missing, {told} reported: lost {lost}, first missing {:?}",
+                    s.action,
+                    s.id,
+                    s.sender,
+                    if known.is_some() { "" } else { "+, sender killed" },
+                    if pinned != 0 { format!(" pid {pinned}") } else { String::new() },
+                    missing.len(),
+                    missing.iter().take(10).collect::<Vec<_>>()
+                ));
+            }
+            v.lost += lost;
+            v.delivered += distinct.len() as u64;
+            v.duplicates += dups;
+            v.overlap += told.saturating_sub(missing.len() as u64);
+        }
+        v.sent += highest;
+    }
+
+    // Every confirmed broadcast reached every slot (some incarnation of
+    // it), or its sender was told which slot it missed.
+    for (token, report) in &chaos.held {
+        v.held += report["held"].as_u64().unwrap_or(0);
+        let missed: BTreeSet<u64> = failures(report)
+            .iter()
+            .filter_map(|f| f["worker_id"].as_u64())
+            .collect();
+        v.reported += missed.len() as u64;
+        for slot in 0..=chaos.workers {
+            let arrived = held_at.get(&slot).is_some_and(|t| t.contains(token));
+            if !arrived && !missed.contains(&u64::from(slot)) {
+                v.lost += 1;
+                v.problems.push(format!(
+                    "held broadcast {token} ({report}) never reached slot {slot} and was not reported"
+                ));
+            }
+        }
+    }
+
+    // egg-ready exactly once per incarnation: never twice, and once for
+    // every process alive at the end.
+    for (&pid, &slot) in &chaos.slot_of {
+        let n = egg_ready.get(&pid).copied().unwrap_or(0);
+        let final_one = chaos.current.get(&slot) == Some(&pid);
+        if n > 1 || (final_one && n != 1) {
+            v.problems
+                .push(format!("pid {pid} (slot {slot}) got egg-ready {n} times"));
+        }
+    }
+    v
+}
+
+#[tokio::test]
+async fn chaos_soak_kills_at_random_and_loses_nothing() {
+    const WORKERS: u32 = 3;
+    let secs = chaos_secs();
+    let (mut rng, seed) = Rng::seeded();
+    let mut c = Cluster::start_ready(
+        Options::new(WORKERS)
+            .actions(&[CHECK, A2P, P2A, TO, HELD])
+            // Handled ⇒ reported: a message the master counts as delivered
+            // (acknowledged) is in the test's history even if its receiver
+            // is SIGKILLed right after.
+            .sync_reports()
+            .toml(
+                "[restart]\nbackoff_initial_ms = 5\nbackoff_max_ms = 50\n\
+                 agent_backoff_initial_ms = 5\nmax_restarts = 1000000\nwindow_ms = 1000\n\
+                 [timeouts]\nshutdown_ms = 1000",
+            ),
+    )
+    .await;
+    let mut chaos = Chaos {
+        workers: WORKERS,
+        ..Chaos::default()
+    };
+    chaos.absorb(&mut c).await;
+    let started = tokio::time::Instant::now();
+    let end = started + Duration::from_secs_f64(secs);
+    let mut next_kill = started + Duration::from_millis(100 + rng.below(400));
+    let mut next_sample = started;
+    while tokio::time::Instant::now() < end {
+        let now = tokio::time::Instant::now();
+        if now >= next_sample {
+            chaos.rss.push(c.master_memory().rss);
+            next_sample = now + Duration::from_millis(500);
+        }
+        if now >= next_kill {
+            chaos.kill_one(&mut c, &mut rng).await;
+            next_kill = tokio::time::Instant::now() + Duration::from_millis(100 + rng.below(400));
+        }
+        c.poll_events(next_kill.min(next_sample).min(end)).await;
+        chaos.absorb(&mut c).await;
+    }
+
+    // Quiesce: every slot back up with a ready process, every series from
+    // a live process stopped (its count known), then a barrier from each
+    // process, after which everything accepted has arrived.
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        chaos.absorb(&mut c).await;
+        let up = (0..=WORKERS).all(|slot| {
+            chaos
+                .current
+                .get(&slot)
+                .is_some_and(|pid| chaos.ready.contains(pid))
+        });
+        if up {
+            break;
+        }
+        if tokio::time::Instant::now() >= until {
+            c.fail(&format!(
+                "not every slot came back within {DEADLINE:?}: current {:?}, ready {:?}",
+                chaos.current, chaos.ready
+            ));
+        }
+        c.poll_events(until).await;
+    }
+    chaos.rss.push(c.master_memory().rss);
+    let running: Vec<Series> = chaos
+        .series
+        .iter()
+        .filter(|s| chaos.alive(s.sender) && !chaos.sent.contains_key(&s.id))
+        .cloned()
+        .collect();
+    for s in running {
+        let report = c.tick_stop_pid(s.sender, s.id).await;
+        chaos
+            .sent
+            .insert(s.id, report["count"].as_u64().unwrap_or(0));
+    }
+    for slot in 0..=WORKERS {
+        c.barrier(slot).await;
+    }
+    chaos.absorb(&mut c).await;
+    chaos.rss.push(c.master_memory().rss);
+
+    let v = analyse(&c, &chaos);
+    let kills: u32 = chaos.kills_by_slot.values().sum();
+    let restarts = chaos.slot_of.len() as u32 - (WORKERS + 1);
+    // RSS after the first second (allocator and buffers warmed up) vs the
+    // largest sample: flat, whatever the length of the soak.
+    let baseline = chaos.rss.get(2).or(chaos.rss.last()).copied().unwrap_or(0);
+    let peak = chaos.rss.iter().copied().max().unwrap_or(0);
+    println!(
+        "chaos: {secs} s, seed {seed}: kills {kills} (by slot {:?}), restarts {restarts}, \
+         messages sent {}, delivered {} (+{} duplicates across incarnations), held {}, \
+         reported {} ({} of them also delivered), lost {}; master RSS {baseline} -> peak {peak} KiB (samples {:?})",
+        chaos.kills_by_slot,
+        v.sent,
+        v.delivered,
+        v.duplicates,
+        v.held,
+        v.reported,
+        v.overlap,
+        v.lost,
+        chaos.rss
+    );
+    if !v.problems.is_empty() || v.lost != 0 {
+        c.fail(&format!(
+            "chaos (seed {seed}) broke the contract:\n  {}",
+            v.problems
+                .iter()
+                .take(30)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        ));
+    }
+    if kills == 0 || restarts < kills {
+        c.fail(&format!(
+            "every kill should have been followed by a restart: {kills} kills, {restarts} restarts"
+        ));
+    }
+    if peak.saturating_sub(baseline) > 16 * 1024 {
+        c.fail(&format!(
+            "the master's RSS grew from {baseline} to {peak} KiB during the soak"
+        ));
+    }
+    assert_still_working(&mut c, "after-chaos", &[AGENT, 1, 2, 3]).await;
 }

@@ -1046,6 +1046,31 @@ impl Cluster {
         .body
     }
 
+    /// Starts a tick series in the process with this pid (not the newest
+    /// of its slot, as [`Cluster::tick`] does); returns its id.
+    pub async fn tick_pid(&mut self, pid: u32, cmd: &TickCmd) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.command_pid(pid, cmd.to_json(id)).await;
+        id
+    }
+
+    /// Stops a tick series of the process with this pid and returns its
+    /// `ticked` report (how many ticks were emitted: seqs `0..count`).
+    pub async fn tick_stop_pid(&mut self, pid: u32, id: u64) -> Value {
+        self.command_pid(pid, json!({ "cmd": "tick-stop", "id": id }))
+            .await;
+        let report = self
+            .wait_for(&format!("the end of tick series #{id} at pid {pid}"), |e| {
+                e.pid == pid && e.kind() == "ticked" && e.body["id"] == id
+            })
+            .await;
+        if report.body["ok"] != true {
+            self.fail(&format!("tick series #{id} failed: {report}"));
+        }
+        report.body
+    }
+
     /// The master's resident memory now and at its peak, in KiB (`VmRSS`
     /// and `VmHWM` of /proc/PID/status).
     pub fn master_memory(&mut self) -> MemoryKib {
