@@ -277,6 +277,12 @@ struct Inner {
     shutdown: watch::Sender<Option<u32>>,
     /// Becomes true when the stream to the master has ended.
     closed: watch::Sender<bool>,
+    /// Becomes true when the stream has ended and the SDK leaves the process
+    /// to its owner (`exit_on_disconnect` off). While the SDK is going to
+    /// end the process itself, it never does, so code awaiting
+    /// [`Client::closed`] cannot return from `main` first and change the
+    /// exit code, or cut the shutdown hooks short.
+    released: watch::Sender<bool>,
     /// Run when the shutdown notice arrives, before the process exits.
     shutdown_hooks: Mutex<Vec<ShutdownHook>>,
     /// Whether to exit the process on shutdown or disconnection.
@@ -364,6 +370,7 @@ impl Client {
             egg_pids: watch::Sender::new(Arc::from(Vec::new())),
             shutdown: watch::Sender::new(None),
             closed: watch::Sender::new(false),
+            released: watch::Sender::new(false),
             shutdown_hooks: Mutex::new(Vec::new()),
             closing,
             handled: AtomicU64::new(0),
@@ -477,10 +484,13 @@ impl Client {
         lock(&self.inner.shutdown_hooks).push(Box::new(move || Box::pin(hook())));
     }
 
-    /// Waits until the stream to the master has ended.
+    /// Waits until the stream to the master has ended and the process is
+    /// yours to end. With `exit_on_disconnect` (the default) the SDK ends
+    /// the process itself — code 0 after the shutdown hooks, 1 on a broken
+    /// stream — so this never returns: it parks `main` until then.
     pub async fn closed(&self) {
-        let mut closed = self.inner.closed.subscribe();
-        let _ = closed.wait_for(|c| *c).await;
+        let mut released = self.inner.released.subscribe();
+        let _ = released.wait_for(|c| *c).await;
     }
 
     /// Sends `data` (as JSON) and waits for the master's account of it.
@@ -948,4 +958,5 @@ async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<pb::ServerFrame>) {
         );
         std::process::exit(1);
     }
+    inner.released.send_replace(true);
 }

@@ -694,23 +694,31 @@ impl Router {
                 .copied()
                 .or_else(|| self.retired_slot(pid))
             {
+                // A detached process can never read again (its secret is
+                // spent): it is as gone as an exited one.
                 Some(slot)
                     if self.slots[slot].phase.pid() == Some(pid)
                         && !matches!(
                             self.slots[slot].phase,
-                            Phase::Exited { .. } | Phase::Failed { .. }
+                            Phase::Exited { .. } | Phase::Failed { .. } | Phase::Detached { .. }
                         ) =>
                 {
                     vec![slot]
                 }
                 Some(slot) => {
+                    let gone = match self.slots[slot].phase {
+                        Phase::Detached { pid: current, .. } if current == pid => {
+                            "has disconnected"
+                        }
+                        _ => "has exited",
+                    };
                     return Err(Undelivered {
                         code: Code::NotFound,
-                        message: format!("pid {pid} ({}) has exited", self.slots[slot].name()),
+                        message: format!("pid {pid} ({}) {gone}", self.slots[slot].name()),
                         pid,
                         worker_id: self.slots[slot].worker_id,
                         role: Some(self.slots[slot].role),
-                    })
+                    });
                 }
                 None => {
                     return Err(Undelivered {
