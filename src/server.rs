@@ -6,10 +6,11 @@
 //! protocol rules (the first frame registers, only the first) so that the hub
 //! never sees a malformed stream.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -56,8 +57,8 @@ pub trait Session: Send + Sync + 'static {
 pub struct PendingLimits {
     /// How long a new stream may take to send its register frame.
     pub register_timeout: Duration,
-    /// How many streams may wait for their register frame at once; more are
-    /// refused with RESOURCE_EXHAUSTED.
+    /// How many streams may wait for their register frame at once; past it
+    /// the one that has waited longest is ended with RESOURCE_EXHAUSTED.
     pub max_pending: usize,
 }
 
@@ -66,7 +67,7 @@ pub fn service<H: Hub>(hub: H, limits: PendingLimits) -> MessengerServer<Adapter
     MessengerServer::new(Adapter {
         hub: Arc::new(hub),
         limits,
-        pending: Arc::new(AtomicUsize::new(0)),
+        pending: Arc::new(PendingStreams::default()),
     })
     // The hub enforces its own payload limit with a precise error; tonic's
     // default of 4 MiB would otherwise cut the stream with a vaguer one.
@@ -80,15 +81,56 @@ pub struct Adapter<H> {
     /// Limits on unregistered streams.
     limits: PendingLimits,
     /// Streams waiting for their register frame now.
-    pending: Arc<AtomicUsize>,
+    pending: Arc<PendingStreams>,
 }
 
-/// Counts one stream as pending until dropped.
-struct PendingSlot(Arc<AtomicUsize>);
+/// The streams waiting for their register frame, oldest first.
+#[derive(Default)]
+struct PendingStreams {
+    /// Each waiting stream's ticket and the means to evict it.
+    waiting: Mutex<VecDeque<(u64, oneshot::Sender<()>)>>,
+    /// The next ticket number.
+    next: AtomicU64,
+}
 
-impl Drop for PendingSlot {
+impl PendingStreams {
+    /// Enters a stream, evicting the oldest one at the cap. Returns the
+    /// stream's ticket (leaving when dropped) and the signal of its own
+    /// eviction.
+    fn enter(self: &Arc<Self>, cap: usize) -> (Ticket, oneshot::Receiver<()>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        while waiting.len() >= cap.max(1) {
+            if let Some((_, evict)) = waiting.pop_front() {
+                let _ = evict.send(());
+            }
+        }
+        waiting.push_back((id, tx));
+        (
+            Ticket {
+                id,
+                streams: self.clone(),
+            },
+            rx,
+        )
+    }
+}
+
+/// A stream's place among the pending ones, given up when dropped.
+struct Ticket {
+    id: u64,
+    streams: Arc<PendingStreams>,
+}
+
+impl Drop for Ticket {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let mut waiting = self
+            .streams
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        waiting.retain(|(id, _)| *id != self.id);
     }
 }
 
@@ -101,17 +143,20 @@ impl<H: Hub> Messenger for Adapter<H> {
         request: Request<Streaming<pb::ClientFrame>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         let mut inbound = request.into_inner();
-        if self.pending.fetch_add(1, Ordering::Relaxed) >= self.limits.max_pending {
-            self.pending.fetch_sub(1, Ordering::Relaxed);
-            return Err(Status::resource_exhausted(format!(
-                "too many streams waiting to register (the limit is {}): register within {} ms of opening a stream",
-                self.limits.max_pending,
-                self.limits.register_timeout.as_millis()
-            )));
-        }
-        let pending = PendingSlot(self.pending.clone());
-        let first = tokio::time::timeout(self.limits.register_timeout, inbound.message()).await;
-        drop(pending);
+        // At the cap, the stream that has waited longest makes room: a real
+        // child registers within milliseconds, so only silent streams are
+        // evicted, and silent streams can never lock children out.
+        let (ticket, evicted) = self.pending.enter(self.limits.max_pending);
+        let first = tokio::select! {
+            first = tokio::time::timeout(self.limits.register_timeout, inbound.message()) => first,
+            _ = evicted => {
+                return Err(Status::resource_exhausted(format!(
+                    "too many streams waiting to register (the limit is {}); this one waited longest: register as soon as the stream opens",
+                    self.limits.max_pending
+                )))
+            }
+        };
+        drop(ticket);
         let first = match first {
             Err(_) => {
                 return Err(Status::deadline_exceeded(format!(

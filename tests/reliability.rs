@@ -985,7 +985,6 @@ async fn a_stuck_worker_does_not_slow_send_to_app_to_the_other_nor_grow_the_mast
 /// and logged as "mailbox full … receiver=agent … send result", but never
 /// told to the sender). See GUARANTEES.md, "Known gaps".
 #[tokio::test]
-#[ignore = "master bug: refusal reports to a flooding sender overflow its control-frame bound"]
 async fn a_flooding_sender_hears_of_every_refusal() {
     stuck_flood(200_000, true).await;
 }
@@ -1917,7 +1916,6 @@ async fn chaos_soak_kills_at_random_and_loses_nothing() {
 /// client can keep a restarting child from registering, until its slot
 /// passes the restart limit and (with on_limit = "stop") the master exits.
 #[tokio::test]
-#[ignore = "master bug: a restarting child is refused while silent streams hold the pending-stream cap"]
 async fn a_child_can_register_while_silent_streams_hold_the_pending_cap() {
     const PENDING: usize = 8;
     let mut c = Cluster::start_ready(Options::new(2).actions(&[CHECK]).toml(&format!(
@@ -1964,7 +1962,6 @@ async fn a_child_can_register_while_silent_streams_hold_the_pending_cap() {
 /// start deadline, the deadline happens to reap it: it is no longer
 /// "ready" then.) A `sendTo` its pid is NOT_FOUND at once.
 #[tokio::test]
-#[ignore = "master gap: a detached child that keeps running is never restarted"]
 async fn a_child_whose_stream_ends_but_keeps_running_is_replaced() {
     let (mut c, addr, secret) =
         cluster_with_unregistered_app_2(Options::new(2).actions(&["job"]).toml(

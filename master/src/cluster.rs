@@ -563,6 +563,21 @@ impl Cluster<'_> {
             }
             Action::Lost(_) if !self.cluster_ready => {}
             Action::Lost(slot) => return self.restart_later(slot),
+            Action::Detached { slot, pid } => {
+                // Usually the process is on its way out (it closes its
+                // stream as it exits); one that lingers past the shutdown
+                // timeout is ended, so that its slot is restarted.
+                if self.live.get(&slot) == Some(&pid) {
+                    self.after(
+                        self.config.shutdown_timeout,
+                        Timer::Escalate {
+                            slot,
+                            pid,
+                            signal: Signal::SIGTERM,
+                        },
+                    );
+                }
+            }
             Action::Stalled(slot) => {
                 let what = self.slot_name(slot);
                 let waited_ms = self.config.flow_wait.as_millis() as u64;

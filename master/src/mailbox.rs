@@ -244,6 +244,11 @@ impl Mailbox {
         self.queue.len() + self.unacked.len()
     }
 
+    /// Control frames waiting (send results, egg-pids…).
+    pub fn controls(&self) -> usize {
+        self.queue.len() + self.unacked.len() - self.messages
+    }
+
     /// Messages held (control frames excluded).
     pub fn messages(&self) -> usize {
         self.messages

@@ -21,7 +21,7 @@ use clutch::{
     Code, Delivery, Identity, Origin, Outbound, Registration, Role, SendResult, Target, Undelivered,
 };
 
-use crate::mailbox::{Bounds, Full, Mailbox, ReplyTo, Undeliverable};
+use crate::mailbox::{Bounds, Full, Mailbox, ReplyTo, Undeliverable, CONTROL_CAPACITY};
 
 /// A slot's index: 0 is the agent, `n` is app worker `n`.
 pub type SlotId = usize;
@@ -99,6 +99,14 @@ pub enum Action {
     Lost(SlotId),
     /// A receiver stopped reading: a sender waited for it in vain.
     Stalled(SlotId),
+    /// A process's stream ended while the process may still run; it can
+    /// never register again, so it is of no use to the cluster any more.
+    Detached {
+        /// Its slot.
+        slot: SlotId,
+        /// Its pid.
+        pid: u32,
+    },
     /// A frame was refused by a full mailbox (it is counted there too).
     Dropped {
         /// Whose mailbox.
@@ -520,6 +528,15 @@ impl Router {
         let result = self.route(from, Some(conn), req, &mut congested, out);
         if want_result || !result.undelivered.is_empty() {
             let _ = self.push(conn.slot, Outbound::SendResult(result), None, None, out);
+            // A sender that is sent results faster than it reads them is
+            // slowed like any receiver, so that no result (above all no
+            // report of a refusal) is ever dropped for lack of room.
+            let s = &mut self.slots[conn.slot];
+            if !s.stalled && s.mailbox.controls() >= CONTROL_HIGH && !congested.contains(&conn.slot)
+            {
+                s.congested = true;
+                congested.push(conn.slot);
+            }
         }
         congested
     }
@@ -768,7 +785,12 @@ impl Router {
             secret: secret.clone(),
         };
         let role = s.role;
+        let pid = s.phase.pid().unwrap_or(0);
         out.push(Action::Wake(conn.slot));
+        out.push(Action::Detached {
+            slot: conn.slot,
+            pid,
+        });
         self.end_incarnation(conn.slot, out);
         self.lost_liveness(role, out);
     }
@@ -917,7 +939,7 @@ impl Router {
     /// Releases senders waiting on `slot` once its mailbox is below `low`.
     fn relieve(&mut self, slot: SlotId, low: usize, out: &mut Vec<Action>) {
         let s = &mut self.slots[slot];
-        if s.mailbox.messages() < low && (s.stalled || s.congested) {
+        if below(&s.mailbox, low) && (s.stalled || s.congested) {
             s.stalled = false;
             s.congested = false;
             out.push(Action::Relieved(slot));
@@ -934,7 +956,7 @@ impl Router {
         let s = &self.slots[slot];
         s.stalled
             || !matches!(s.phase, Phase::Attached { .. })
-            || s.mailbox.messages() < self.low_watermark()
+            || below(&s.mailbox, self.low_watermark())
     }
 
     /// A flow-control wait on `slot` timed out: senders stop waiting for it
@@ -1066,6 +1088,16 @@ fn frame_kind(frame: &Outbound) -> &'static str {
         Outbound::SendResult(_) => "send result",
         Outbound::Shutdown { .. } => "shutdown",
     }
+}
+
+/// Control frames past which a sender waits for its own results to be read.
+const CONTROL_HIGH: usize = CONTROL_CAPACITY / 2;
+/// …and below which it may go on.
+const CONTROL_LOW: usize = CONTROL_CAPACITY / 4;
+
+/// Below the low watermark in messages and in control frames.
+fn below(mailbox: &Mailbox, low: usize) -> bool {
+    mailbox.messages() < low && mailbox.controls() < CONTROL_LOW
 }
 
 /// Replaced pids remembered for `sendTo` error messages.
