@@ -43,8 +43,13 @@ fn smoke_run_produces_complete_results() {
         Some(report.rows.len())
     );
 
-    // Every Clutch figure is there and positive.
+    // Every Clutch figure is there and positive. The Python worker rows are
+    // the exception: the smoke run does not prepare a Python environment
+    // (the conformance suite owns that), so those rows say "not run".
     for row in &report.rows {
+        if row.clutch.is_none() && row.key.contains("python") {
+            continue;
+        }
         let stat = row
             .clutch
             .as_ref()
