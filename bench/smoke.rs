@@ -48,6 +48,11 @@ fn smoke_run_produces_complete_results() {
     // (the conformance suite owns that), so those rows say "not run".
     for row in &report.rows {
         if row.clutch.is_none() && row.key.contains("python") {
+            assert!(
+                row.clutch_note.is_some(),
+                "the Python row {:?} must say why it has no figure",
+                row.key
+            );
             continue;
         }
         let stat = row
