@@ -952,11 +952,18 @@ impl Router {
     }
 
     /// Whether a sender waiting on `slot` for flow control may go on.
-    pub fn has_room(&self, slot: SlotId) -> bool {
-        let s = &self.slots[slot];
-        s.stalled
-            || !matches!(s.phase, Phase::Attached { .. })
-            || below(&s.mailbox, self.low_watermark())
+    pub fn has_room(&mut self, slot: SlotId) -> bool {
+        let low = self.low_watermark();
+        let s = &mut self.slots[slot];
+        let room =
+            s.stalled || !matches!(s.phase, Phase::Attached { .. }) || below(&s.mailbox, low);
+        // A waiter must be woken when the mailbox drains, whoever made it
+        // congested: mark it so, or a second sender that finds no room after
+        // the first relief would wait for a wake-up that never comes.
+        if !room {
+            s.congested = true;
+        }
+        room
     }
 
     /// A flow-control wait on `slot` timed out: senders stop waiting for it
