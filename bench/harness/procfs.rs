@@ -2,6 +2,11 @@
 //! processes, the process tree, and the machine's overall CPU use (to tell
 //! whether something else was running during a measurement).
 
+// The benchmarks use only the /proc scan of the shared helpers.
+#[allow(dead_code)]
+#[path = "../../tests/common/procs.rs"]
+mod procs;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -167,27 +172,10 @@ pub fn tree(root: u32) -> Vec<u32> {
 /// Live processes whose environment holds `BENCH_TAG=<tag>`: everything a
 /// cluster launched, even if it escaped its parent.
 pub fn tagged(tag: &str) -> Vec<u32> {
-    let needle = format!("BENCH_TAG={tag}");
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if environ.split(|&b| b == 0).any(|v| v == needle.as_bytes()) && !is_gone(pid) {
-            found.push(pid);
-        }
-    }
-    found
+    procs::with_env("BENCH_TAG", tag)
+        .into_iter()
+        .filter(|&pid| !is_gone(pid))
+        .collect()
 }
 
 /// Busy CPU time of the whole machine (all cores), in nanoseconds.

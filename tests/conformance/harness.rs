@@ -14,8 +14,11 @@
 //! tests run in parallel. Every wait has a deadline and fails with what was
 //! seen and the master's log; nothing sleeps to wait for an event.
 
+#[path = "../common/procs.rs"]
+mod procs;
+
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -745,55 +748,23 @@ fn cluster_toml(
 
 /// Drains one of the master's pipes on a thread.
 fn drain(pipe: impl Read + Send + 'static, output: Arc<Output>) {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(pipe);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match reader.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let text = String::from_utf8_lossy(&line);
-                    {
-                        let mut all = output.text.lock().unwrap_or_else(|p| p.into_inner());
-                        all.push_str(&text);
-                        if !text.ends_with('\n') {
-                            all.push('\n');
-                        }
-                    }
-                    output.lines.send_modify(|n| *n += 1);
-                }
-            }
-        }
-    });
+    procs::pump_lines(
+        pipe,
+        move |text| {
+            output
+                .text
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push_str(text);
+            output.lines.send_modify(|n| *n += 1);
+        },
+        || {},
+    );
 }
 
 /// Live (non-zombie) processes whose environment carries `TAG=<tag>`.
 fn tagged_processes(tag: &str) -> Vec<u32> {
-    let needle = format!("{TAG}={tag}");
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut found = Vec::new();
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if environ
-            .split(|&b| b == 0)
-            .any(|var| var == needle.as_bytes())
-        {
-            found.push(pid);
-        }
-    }
-    found
+    procs::with_env(TAG, tag)
 }
 
 /// Accepts the agent's side channel (again after an agent restart).

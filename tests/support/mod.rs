@@ -28,8 +28,11 @@
 // Each test crate uses a different subset of the harness.
 #![allow(dead_code)]
 
+#[path = "../common/procs.rs"]
+mod procs;
+
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -1184,33 +1187,23 @@ fn cluster_toml(opts: &Options, addr_file: &std::path::Path, env: &[(String, Str
 
 /// Drains one of the master's pipes into the shared buffer on a thread.
 fn drain(pipe: impl Read + Send + 'static, output: Arc<Output>, is_stderr: bool) {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(pipe);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match reader.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let text = String::from_utf8_lossy(&line);
-                    let buffer = if is_stderr {
-                        &output.stderr
-                    } else {
-                        &output.stdout
-                    };
-                    {
-                        let mut buffer = buffer.lock().unwrap_or_else(|p| p.into_inner());
-                        buffer.push_str(&text);
-                        if !text.ends_with('\n') {
-                            buffer.push('\n');
-                        }
-                    }
-                    output.lines.send_modify(|n| *n += 1);
-                }
-            }
-        }
-        output.closed.send_modify(|n| *n += 1);
-    });
+    let at_eof = output.clone();
+    procs::pump_lines(
+        pipe,
+        move |text| {
+            let buffer = if is_stderr {
+                &output.stderr
+            } else {
+                &output.stdout
+            };
+            buffer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push_str(text);
+            output.lines.send_modify(|n| *n += 1);
+        },
+        move || at_eof.closed.send_modify(|n| *n += 1),
+    );
 }
 
 /// The last `n` lines of `text`.
@@ -1224,32 +1217,7 @@ fn tail(text: &str, n: usize) -> String {
 /// Live (non-zombie) processes whose environment carries
 /// `PROBE_CLUSTER=<tag>`: every child launched for one cluster.
 fn tagged_processes(tag: &str) -> Vec<u32> {
-    let needle = format!("PROBE_CLUSTER={tag}");
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut found = Vec::new();
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // A zombie (exited, not reaped yet) has an empty environ; it is gone
-        // for our purposes even if its parent has not reaped it.
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if environ
-            .split(|&b| b == 0)
-            .any(|var| var == needle.as_bytes())
-        {
-            found.push(pid);
-        }
-    }
-    found
+    procs::with_env("PROBE_CLUSTER", tag)
 }
 
 /// Accepts probe connections for the lifetime of the cluster.
