@@ -1084,13 +1084,13 @@ async fn reload_replaces_every_worker_while_numbered_messages_lose_nothing() {
         ));
     }
 
-    // One slot at a time: the next slot's old process exits only after the
-    // previous slot's new process is ready, so at most one app worker is
-    // missing at any moment (capacity never below N - 1).
-    let last = new_pids[new_pids.len() - 1];
+    // Each new process was ready before its old one was stopped (so
+    // capacity never dropped below N), and one slot at a time: the next
+    // slot's new process was launched only after the previous old one left.
+    let last = before[before.len() - 1];
     watch
-        .wait_message("the last new process's ready", |v| {
-            is_event(v, "ready", last)
+        .wait_message("the last old process's exit", |v| {
+            is_event(v, "exited", last)
         })
         .await;
     let index = |kind: &str, pid: u32| {
@@ -1101,13 +1101,19 @@ async fn reload_replaces_every_worker_while_numbered_messages_lose_nothing() {
             .unwrap_or_else(|| panic!("no {kind} event for pid {pid}: {:#?}", watch.messages()))
     };
     for i in 0..WORKERS as usize {
-        let (exited, ready) = (index("exited", before[i]), index("ready", new_pids[i]));
-        assert!(exited < ready, "worker {}: {:#?}", i + 1, watch.messages());
+        let (spawned, ready) = (index("spawned", new_pids[i]), index("ready", new_pids[i]));
+        let (promoted, exited) = (index("promoted", new_pids[i]), index("exited", before[i]));
+        assert!(
+            spawned < ready && ready <= promoted && promoted < exited,
+            "worker {}: the old process must stop only after the new one is ready: {:#?}",
+            i + 1,
+            watch.messages()
+        );
         if i + 1 < WORKERS as usize {
-            let next_exit = index("exited", before[i + 1]);
+            let next = index("spawned", new_pids[i + 1]);
             assert!(
-                ready < next_exit,
-                "worker {} was stopped before worker {}'s new process was ready: {:#?}",
+                exited < next,
+                "worker {} was replaced before worker {}'s old process had left: {:#?}",
                 i + 2,
                 i + 1,
                 watch.messages()
@@ -1125,6 +1131,64 @@ async fn reload_replaces_every_worker_while_numbered_messages_lose_nothing() {
         "reload: {count} numbered messages to {WORKERS} app workers, none lost; {}",
         summary.join("; ")
     ));
+}
+
+#[tokio::test]
+async fn a_reload_whose_new_process_fails_keeps_the_old_one_serving_and_can_be_retried() {
+    // Worker 2's second incarnation (the reload's new process) exits with
+    // code 7 before it connects; later ones are fine.
+    let opts = Options::new(2)
+        .actions(&["config-update"])
+        .env("PROBE_FAIL_WORKER", "2")
+        .env("PROBE_FAIL_INCARNATIONS", "2")
+        .env("PROBE_FAIL_CODE", "7");
+    let Some(mut op) = Op::start(opts).await else {
+        return;
+    };
+    op.c.wait_all_egg_ready().await;
+    let (app1, app2) = (op.c.pid_of(1).await, op.c.pid_of(2).await);
+
+    let run = op.cook("reload").await;
+    let message = run.expect_status("Aborted", 10);
+    for part in [
+        "new process for app worker 2",
+        "exited with exit code 7 before it was ready",
+        &format!("the old one (pid {app2}) keeps serving"),
+        &format!("app worker 1 ({app1} -> "),
+    ] {
+        assert!(message.contains(part), "{part:?} is missing: {run}");
+    }
+    // The old worker 2 still serves, next to worker 1's new process.
+    let new_app1 = op.c.probe_incarnation(1, 2).await.pid;
+    assert_eq!(
+        op.cook("inject-apps").await.json(),
+        json!({ "delivered": 2 })
+    );
+    for pid in [new_app1, app2] {
+        op.c.wait_for("the injected message", |e| {
+            e.pid == pid && e.is_message("config-update")
+        })
+        .await;
+    }
+    let list = op.cook("list").await.json();
+    let pids: Vec<i64> = list["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .map(|p| num(p, "pid"))
+        .collect();
+    assert_eq!(pids[1..], [i64::from(new_app1), i64::from(app2)], "{list}");
+
+    // A second reload goes through (incarnation 3 of each slot is fine).
+    let reply = op.cook("reload").await.json();
+    let replaced = reply["replaced"].as_array().expect("replaced").clone();
+    assert_eq!(replaced.len(), 2, "{reply}");
+    assert_eq!(num(&replaced[1], "oldPid"), i64::from(app2), "{reply}");
+    assert_eq!(
+        num(&replaced[1], "newPid"),
+        i64::from(op.c.probe_incarnation(2, 3).await.pid),
+        "{reply}"
+    );
 }
 
 #[tokio::test]
@@ -1148,6 +1212,20 @@ async fn a_reload_in_progress_refuses_another_and_a_restart_of_its_slot_and_a_st
     })
     .await;
 
+    // Slot 1 runs two processes now: the new one, serving, and the old
+    // one, told to stop and still finishing.
+    let new_app1 = op.c.probe_incarnation(1, 2).await.pid;
+    let list = op.cook("list").await.json();
+    let processes = list["processes"].as_array().expect("processes").clone();
+    let state_of = |pid: u32| {
+        processes
+            .iter()
+            .find(|p| num(p, "pid") == i64::from(pid))
+            .map(|p| (num(p, "workerId"), text(p, "state").to_owned()))
+    };
+    assert_eq!(state_of(new_app1), Some((1, "ready".into())), "{list}");
+    assert_eq!(state_of(app1), Some((1, "retiring".into())), "{list}");
+
     let run = op.cook("reload").await;
     let message = run.expect_status("FailedPrecondition", 9);
     assert!(message.contains("already running"), "{run}");
@@ -1159,10 +1237,12 @@ async fn a_reload_in_progress_refuses_another_and_a_restart_of_its_slot_and_a_st
     let first = reload.await.expect("the reload task");
     let message = first.expect_status("Aborted", 10);
     assert!(message.contains("stopping"), "{first}");
-    // Whatever is left of app 1 goes now.
-    if op.c.live_children().contains(&app1) {
-        op.c.command_pid(app1, json!({ "cmd": "exit", "code": 0 }))
-            .await;
+    // Whatever is left of app 1 (both processes have the slow hook) goes now.
+    for pid in [app1, new_app1] {
+        if op.c.live_children().contains(&pid) {
+            op.c.command_pid(pid, json!({ "cmd": "exit", "code": 0 }))
+                .await;
+        }
     }
     assert_eq!(op.c.master_exit().await.code(), Some(0));
 }

@@ -211,6 +211,7 @@ pub async fn run(config: Config) -> Result<(), MasterError> {
         notifier,
         addr,
         live: HashMap::new(),
+        overlap: HashMap::new(),
         spawned_at: HashMap::new(),
         last_exit: HashMap::new(),
         timed_out: HashMap::new(),
@@ -295,12 +296,30 @@ enum Flow {
 struct Reload {
     /// App slots still to replace, in order.
     queue: VecDeque<SlotId>,
-    /// The slot being replaced and the pid it had.
-    current: Option<(SlotId, u32)>,
+    /// The slot being replaced.
+    current: Option<ReloadStep>,
     /// Slots replaced so far.
     replaced: Vec<Replaced>,
     /// Where the answer goes when it is done.
     reply: oneshot::Sender<Result<Vec<Replaced>, Status>>,
+}
+
+/// One slot of a reload: a standby is launched beside the slot's process;
+/// once it is ready it takes over and the old process is stopped; the step
+/// ends when the old process has exited.
+struct ReloadStep {
+    /// The slot.
+    slot: SlotId,
+    /// The process being replaced.
+    old_pid: u32,
+    /// The standby replacing it.
+    new_pid: u32,
+    /// The standby took over.
+    promoted: bool,
+    /// The old process crashed before the standby was ready: the standby
+    /// takes over when it is, and if it fails the slot is restarted as
+    /// after any crash.
+    old_crashed: bool,
 }
 
 /// The loop's state.
@@ -315,8 +334,8 @@ struct Cluster<'a> {
     health: Health,
     /// systemd's notify socket, if any.
     notifier: Notifier,
-    /// When each slot's current process was spawned.
-    spawned_at: HashMap<SlotId, Instant>,
+    /// When each running process was spawned, by pid.
+    spawned_at: HashMap<u32, Instant>,
     /// Slots an operator asked to restart, with the pid being replaced: their
     /// exit is not a crash, so it restarts at once and counts no backoff.
     intentional: HashMap<SlotId, u32>,
@@ -328,6 +347,9 @@ struct Cluster<'a> {
     addr: String,
     /// The pid of each slot's running process.
     live: HashMap<SlotId, u32>,
+    /// A reload's extra processes (standbys and outgoing ones), by pid:
+    /// they run beside their slot's process in `live`.
+    overlap: HashMap<u32, SlotId>,
     /// The last exit of each slot, to explain a failed start.
     last_exit: HashMap<SlotId, Exit>,
     /// Processes killed for missing their start timeout, by slot.
@@ -367,7 +389,46 @@ impl Cluster<'_> {
         self.shared.with_router(|r, _| r.slot_name(slot))
     }
 
+    /// Launches the slot's next process.
     fn launch(&mut self, slot: SlotId) -> Result<(), MasterError> {
+        let Some((pid, incarnation)) = self.spawn(slot, false)? else {
+            return Ok(());
+        };
+        self.live.insert(slot, pid);
+        self.backoff[slot].started(Instant::now());
+        let what = self.slot_name(slot);
+        self.slot_event(
+            "spawned",
+            slot,
+            pid,
+            incarnation,
+            format!("launched {what}"),
+        );
+        Ok(())
+    }
+
+    /// Launches a reload's standby beside the slot's process. None when the
+    /// slot cannot take one now (see [`Router::standby_refused`]).
+    fn launch_standby(&mut self, slot: SlotId, old_pid: u32) -> Result<Option<u32>, MasterError> {
+        let Some((pid, incarnation)) = self.spawn(slot, true)? else {
+            return Ok(None);
+        };
+        self.overlap.insert(pid, slot);
+        let what = self.slot_name(slot);
+        self.slot_event(
+            "spawned",
+            slot,
+            pid,
+            incarnation,
+            format!("launched {what} for a reload: it replaces pid {old_pid} once it is ready"),
+        );
+        Ok(Some(pid))
+    }
+
+    /// Spawns a process for `slot` and arms its start timeout: the slot's
+    /// next process, or (`standby`) a reload's new one, which the router
+    /// may refuse (None).
+    fn spawn(&mut self, slot: SlotId, standby: bool) -> Result<Option<(u32, u32)>, MasterError> {
         let secret = secret()?;
         let (spec, role, start_timeout) = if slot == AGENT {
             (
@@ -380,9 +441,16 @@ impl Cluster<'_> {
         };
         let what = self.slot_name(slot);
         let exits = self.exits.0.clone();
+        let grace_ms = u32::try_from(self.config.shutdown_timeout.as_millis()).unwrap_or(u32::MAX);
         // Spawning under the router's lock makes the secret known to the
         // router before the child can possibly present it.
-        let (pid, incarnation) = self.shared.with_router(|r, out| {
+        let spawned = self.shared.with_router(|r, out| {
+            if standby {
+                if let Some(why) = r.standby_refused(slot) {
+                    tracing::info!("not replacing {what} now: {why}");
+                    return Ok(None);
+                }
+            }
             let launch = Launch {
                 slot,
                 role,
@@ -393,20 +461,18 @@ impl Cluster<'_> {
                 secret: secret.clone(),
             };
             let pid = supervisor::spawn(spec, &launch, &what, exits)?;
-            r.spawned(slot, pid, secret, out);
-            Ok::<_, SpawnError>((pid, launch.incarnation))
+            if standby {
+                r.spawned_standby(slot, pid, secret, grace_ms);
+            } else {
+                r.spawned(slot, pid, secret, out);
+            }
+            Ok::<_, SpawnError>(Some((pid, launch.incarnation)))
         })?;
+        let Some((pid, incarnation)) = spawned else {
+            return Ok(None);
+        };
         tracing::info!(pid, incarnation, command = %spec.command.display(), "launched {what}");
-        self.live.insert(slot, pid);
-        self.spawned_at.insert(slot, Instant::now());
-        self.backoff[slot].started(Instant::now());
-        self.slot_event(
-            "spawned",
-            slot,
-            pid,
-            incarnation,
-            format!("launched {what}"),
-        );
+        self.spawned_at.insert(pid, Instant::now());
         self.after(
             start_timeout,
             Timer::StartDeadline {
@@ -415,7 +481,12 @@ impl Cluster<'_> {
                 pid,
             },
         );
-        Ok(())
+        Ok(Some((pid, incarnation)))
+    }
+
+    /// True while `pid` runs in `slot`, as its process or a reload's extra.
+    fn runs(&self, slot: SlotId, pid: u32) -> bool {
+        self.live.get(&slot) == Some(&pid) || self.overlap.get(&pid) == Some(&slot)
     }
 
     /// Schedules `timer` after `delay`.
@@ -438,7 +509,7 @@ impl Cluster<'_> {
                 let ready = self
                     .shared
                     .with_router(|r, _| r.is_ready(slot, incarnation));
-                if !ready && self.live.get(&slot) == Some(&pid) {
+                if !ready && self.runs(slot, pid) {
                     let timeout = if slot == AGENT {
                         self.config.agent_start_timeout
                     } else {
@@ -456,7 +527,7 @@ impl Cluster<'_> {
                 Ok(())
             }
             Timer::Escalate { slot, pid, signal } => {
-                if self.live.get(&slot) == Some(&pid) {
+                if self.runs(slot, pid) {
                     tracing::warn!(pid, %signal, "{} did not exit after the shutdown notice", self.slot_name(slot));
                     supervisor::signal(pid, signal);
                     if signal == Signal::SIGTERM {
@@ -506,8 +577,13 @@ impl Cluster<'_> {
                     // A restarted process gets its own egg-ready from the router.
                     self.slot_event("egg-ready", slot, pid, incarnation, "egg-ready".into());
                 }
-                self.reload_progress(slot, pid);
             }
+            Action::Promoted {
+                slot,
+                old_pid,
+                new_pid,
+                incarnation,
+            } => self.promoted(slot, old_pid, new_pid, incarnation),
             Action::ClusterReady => {
                 self.cluster_ready = true;
                 self.health.set(true).await;
@@ -567,7 +643,7 @@ impl Cluster<'_> {
                 // Usually the process is on its way out (it closes its
                 // stream as it exits); one that lingers past the shutdown
                 // timeout is ended, so that its slot is restarted.
-                if self.live.get(&slot) == Some(&pid) {
+                if self.runs(slot, pid) {
                     self.after(
                         self.config.shutdown_timeout,
                         Timer::Escalate {
@@ -614,6 +690,18 @@ impl Cluster<'_> {
         let what = self.slot_name(slot);
         let old_pid = self.last_exit.get(&slot).map_or(0, |e| e.pid);
         let incarnation = self.shared.with_router(|r, _| r.incarnation(slot));
+        if let Some(step) = self.reload.as_mut().and_then(|r| r.current.as_mut()) {
+            if step.slot == slot && !step.promoted {
+                // The reload's standby is about to take the slot over.
+                step.old_crashed = true;
+                tracing::warn!(
+                    pid = old_pid,
+                    "{what} crashed during its reload: its standby (pid {}) takes over once ready",
+                    step.new_pid
+                );
+                return Ok(());
+            }
+        }
         if self.intentional.get(&slot) == Some(&old_pid) {
             // An operator's restart: no crash, so no backoff and no count.
             self.intentional.remove(&slot);
@@ -686,16 +774,15 @@ impl Cluster<'_> {
                     .shared
                     .with_router(|r, _| r.view())
                     .into_iter()
-                    .enumerate()
-                    .map(|(slot, v)| ProcessInfo {
+                    .map(|v| ProcessInfo {
                         role: v.role,
                         worker_id: v.worker_id,
                         pid: v.pid.unwrap_or(0),
                         state: v.state,
                         incarnation: v.incarnation,
-                        uptime_ms: self
-                            .spawned_at
-                            .get(&slot)
+                        uptime_ms: v
+                            .pid
+                            .and_then(|pid| self.spawned_at.get(&pid))
                             .map_or(0, |t| now.duration_since(*t).as_millis() as u64),
                         pending: v.pending as u64,
                         delivered: v.delivered,
@@ -723,7 +810,7 @@ impl Cluster<'_> {
                         .iter()
                         .map(|v| v.state == "failed")
                         .collect();
-                    tracing::info!("reload: replacing the app workers one at a time");
+                    tracing::info!("reload: replacing the app workers one at a time, each new process ready before the old one stops");
                     self.reload = Some(Reload {
                         queue: (1..=self.config.workers).filter(|&s| !failed[s]).collect(),
                         current: None,
@@ -789,7 +876,8 @@ impl Cluster<'_> {
         if self
             .reload
             .as_ref()
-            .is_some_and(|r| r.current.is_some_and(|(s, _)| s == slot))
+            .and_then(|r| r.current.as_ref())
+            .is_some_and(|step| step.slot == slot)
         {
             return Err(Status::failed_precondition(format!(
                 "{} is being replaced by a reload",
@@ -850,48 +938,164 @@ impl Cluster<'_> {
                 }
                 return;
             };
-            let old = self.live.get(&slot).copied();
-            match old.and_then(|_| self.begin_restart(slot)) {
-                Some(old_pid) => {
+            // A slot with no running process is restarting on its own: it is
+            // fresh already.
+            let Some(&old_pid) = self.live.get(&slot) else {
+                continue;
+            };
+            match self.launch_standby(slot, old_pid) {
+                Ok(Some(new_pid)) => {
                     if let Some(reload) = self.reload.as_mut() {
-                        reload.current = Some((slot, old_pid));
+                        reload.current = Some(ReloadStep {
+                            slot,
+                            old_pid,
+                            new_pid,
+                            promoted: false,
+                            old_crashed: false,
+                        });
                     }
                     return;
                 }
-                // No process to replace (it is restarting on its own): the
-                // slot is fresh already.
-                None => continue,
+                Ok(None) => continue,
+                Err(e) => {
+                    let what = self.slot_name(slot);
+                    tracing::error!("reload stopped: cannot launch a new {what}: {e}");
+                    let why = format!("reload stopped: cannot launch a new {what}: {e}");
+                    self.end_reload(Status::internal(why), "");
+                    return;
+                }
             }
         }
     }
 
-    /// A process became ready: if it replaces the reload's current slot,
-    /// move on to the next.
-    fn reload_progress(&mut self, slot: SlotId, pid: u32) {
+    /// Ends the reload with an error; says which slots it replaced already,
+    /// then `trailer` (a failed process's last stderr lines).
+    fn end_reload(&mut self, status: Status, trailer: &str) {
+        let Some(reload) = self.reload.take() else {
+            return;
+        };
+        let done: Vec<String> = reload
+            .replaced
+            .iter()
+            .map(|r| {
+                format!(
+                    "app worker {} ({} -> {})",
+                    r.worker_id, r.old_pid, r.new_pid
+                )
+            })
+            .collect();
+        let message = if done.is_empty() {
+            format!("{}; no app worker was replaced{trailer}", status.message())
+        } else {
+            format!(
+                "{}; replaced before that: {}{trailer}",
+                status.message(),
+                done.join(", ")
+            )
+        };
+        let _ = reload.reply.send(Err(Status::new(status.code(), message)));
+    }
+
+    /// A reload's standby took over its slot: it is the slot's process now,
+    /// and the old one has `shutdown_ms` to leave before the signals.
+    fn promoted(&mut self, slot: SlotId, old_pid: Option<u32>, new_pid: u32, incarnation: u32) {
+        self.overlap.remove(&new_pid);
+        let previous = self.live.insert(slot, new_pid);
+        self.backoff[slot].started(Instant::now());
+        let what = self.slot_name(slot);
+        let retiring = previous.filter(|p| Some(*p) == old_pid);
+        if let Some(old) = retiring {
+            self.overlap.insert(old, slot);
+            self.after(
+                self.config.shutdown_timeout,
+                Timer::Escalate {
+                    slot,
+                    pid: old,
+                    signal: Signal::SIGTERM,
+                },
+            );
+        }
+        let message = match old_pid {
+            Some(old) => {
+                format!("pid {new_pid} took over {what} from pid {old}, which was told to stop")
+            }
+            None => format!("pid {new_pid} took over {what}"),
+        };
+        tracing::info!(pid = new_pid, incarnation, "{message}");
+        self.slot_event("promoted", slot, new_pid, incarnation, message);
         let Some(reload) = self.reload.as_mut() else {
             return;
         };
-        if let Some((current, old_pid)) = reload.current {
-            if current == slot && pid != old_pid {
-                reload.replaced.push(Replaced {
-                    worker_id: slot as u32,
-                    old_pid,
-                    new_pid: pid,
-                });
+        let Some(step) = reload.current.as_mut().filter(|s| s.new_pid == new_pid) else {
+            return;
+        };
+        step.promoted = true;
+        reload.replaced.push(Replaced {
+            worker_id: slot as u32,
+            old_pid: step.old_pid,
+            new_pid,
+        });
+        if retiring.is_none() {
+            // The old process is gone already: nothing to wait for.
+            reload.current = None;
+            self.reload_next();
+        }
+    }
+
+    /// A reload's extra process exited: the end of its slot's step (the
+    /// old one is gone), or the failure of the reload (the standby died
+    /// before it was ready; the old process keeps serving).
+    fn reload_exit(&mut self, exit: &Exit) {
+        let Some(step) = self.reload.as_ref().and_then(|r| r.current.as_ref()) else {
+            return;
+        };
+        let (slot, old_pid, old_crashed) = (step.slot, step.old_pid, step.old_crashed);
+        if step.promoted && exit.pid == old_pid {
+            if let Some(reload) = self.reload.as_mut() {
                 reload.current = None;
-                self.reload_next();
+            }
+            return self.reload_next();
+        }
+        if step.promoted || exit.pid != step.new_pid {
+            return;
+        }
+        let what = self.slot_name(slot);
+        let why = match self.timed_out.get(&slot) {
+            Some(&(pid, timeout)) if pid == exit.pid => {
+                format!("did not become ready within {} ms", timeout.as_millis())
+            }
+            _ => format!("exited with {} before it was ready", exit.ending),
+        };
+        let serving = if old_crashed {
+            format!(
+                "the old one (pid {old_pid}) had crashed, so {what} restarts as after any crash"
+            )
+        } else {
+            format!("the old one (pid {old_pid}) keeps serving")
+        };
+        let message = format!(
+            "reload stopped: the new process for {what} (pid {}) {why}; {serving}",
+            exit.pid
+        );
+        let trailer = tail(&exit.stderr_tail);
+        tracing::error!("{message}{trailer}");
+        self.end_reload(Status::aborted(message), &trailer);
+        if old_crashed {
+            if let Err(e) = self.restart_later(slot) {
+                tracing::error!("{e}");
             }
         }
     }
 
     fn on_exit(&mut self, exit: Exit) {
+        let extra = self.overlap.remove(&exit.pid).is_some();
         if self.live.get(&exit.slot) == Some(&exit.pid) {
             self.live.remove(&exit.slot);
         }
         let role = role_of(exit.slot);
         supervisor::child_span(role, exit.slot as u32, exit.pid)
             .in_scope(|| tracing::info!("exited with {}", exit.ending));
-        self.spawned_at.remove(&exit.slot);
+        self.spawned_at.remove(&exit.pid);
         let (code, signal) = match exit.ending {
             Ending::Code(c) => (c, 0),
             Ending::Signal(s) => (-1, s),
@@ -910,6 +1114,12 @@ impl Cluster<'_> {
             },
         );
         let (slot, pid) = (exit.slot, exit.pid);
+        if extra {
+            // Not the slot's process: its exit explains no crash of the
+            // slot, and the router hands back what it left.
+            self.shared.with_router(|r, out| r.exited(slot, pid, out));
+            return self.reload_exit(&exit);
+        }
         self.last_exit.insert(slot, exit);
         self.shared.with_router(|r, out| r.exited(slot, pid, out));
     }
@@ -929,31 +1139,18 @@ impl Cluster<'_> {
             "the cluster is stopping".into(),
             |_| {},
         );
-        if let Some(reload) = self.reload.take() {
-            let _ = reload
-                .reply
-                .send(Err(Status::aborted("the cluster is stopping")));
-        }
+        self.end_reload(Status::aborted("the cluster is stopping"), "");
         let grace = self.config.shutdown_timeout;
         let grace_ms = u32::try_from(grace.as_millis()).unwrap_or(u32::MAX);
         for role in [Role::App, Role::Agent] {
             self.shared
                 .with_router(|r, out| r.shutdown(role, grace_ms, out));
-            let phase: Vec<SlotId> = self
-                .live
-                .keys()
-                .copied()
-                .filter(|&s| (s == AGENT) == (role == Role::Agent))
-                .collect();
             for (step, sig) in [
                 (grace, None),
                 (grace, Some(Signal::SIGTERM)),
                 (Duration::from_secs(2), Some(Signal::SIGKILL)),
             ] {
-                let left: Vec<u32> = phase
-                    .iter()
-                    .filter_map(|s| self.live.get(s).copied())
-                    .collect();
+                let left = self.running(role);
                 if left.is_empty() {
                     break;
                 }
@@ -963,7 +1160,7 @@ impl Cluster<'_> {
                         supervisor::signal(*pid, sig);
                     }
                 }
-                if !self.wait_for_exits(&phase, step, signals).await {
+                if !self.wait_for_exits(role, step, signals).await {
                     self.kill_all().await;
                     return;
                 }
@@ -971,16 +1168,28 @@ impl Cluster<'_> {
         }
     }
 
-    /// Waits until none of `slots` has a live process, or `limit` passes.
-    /// Returns false when a second signal asked to kill everything.
-    async fn wait_for_exits(
-        &mut self,
-        slots: &[SlotId],
-        limit: Duration,
-        signals: &mut Signals,
-    ) -> bool {
+    /// The pids of every running process of `role`, a reload's extra
+    /// processes included.
+    fn running(&self, role: Role) -> Vec<u32> {
+        let of_role = |slot: &SlotId| role_of(*slot) == role;
+        let live = self
+            .live
+            .iter()
+            .filter(|(s, _)| of_role(s))
+            .map(|(_, p)| *p);
+        let extra = self
+            .overlap
+            .iter()
+            .filter(|(_, s)| of_role(s))
+            .map(|(p, _)| *p);
+        live.chain(extra).collect()
+    }
+
+    /// Waits until no process of `role` runs, or `limit` passes. Returns
+    /// false when a second signal asked to kill everything.
+    async fn wait_for_exits(&mut self, role: Role, limit: Duration, signals: &mut Signals) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
-        while slots.iter().any(|s| self.live.contains_key(s)) {
+        while !self.running(role).is_empty() {
             tokio::select! {
                 Some(exit) = self.exits.1.recv() => self.on_exit(exit),
                 Some(command) = self.commands.recv() => self.refuse_while_stopping(command),
@@ -995,11 +1204,11 @@ impl Cluster<'_> {
     }
 
     async fn kill_all(&mut self) {
-        for pid in self.live.values() {
+        for pid in self.live.values().chain(self.overlap.keys()) {
             supervisor::signal(*pid, Signal::SIGKILL);
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while !self.live.is_empty() {
+        while !self.live.is_empty() || !self.overlap.is_empty() {
             tokio::select! {
                 Some(exit) = self.exits.1.recv() => self.on_exit(exit),
                 _ = tokio::time::sleep_until(deadline) => break,

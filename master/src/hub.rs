@@ -35,7 +35,7 @@ pub type LifecycleTx = mpsc::UnboundedSender<Action>;
 pub struct Shared {
     /// The routing state machine.
     router: Mutex<Router>,
-    /// Per slot: its outbound stream has frames to write or must end.
+    /// Per slot: its outbound streams have frames to write or must end.
     wake: Box<[Notify]>,
     /// Per slot: its mailbox drained below the low watermark.
     room: Box<[Notify]>,
@@ -77,7 +77,9 @@ impl Shared {
     fn apply(&self, actions: Vec<Action>) {
         for action in actions {
             match action {
-                Action::Wake(slot) => self.wake[slot].notify_one(),
+                // Every stream of the slot: during a reload's handover a
+                // slot has two processes, and each checks its own frames.
+                Action::Wake(slot) => self.wake[slot].notify_waiters(),
                 Action::Relieved(slot) => self.room[slot].notify_waiters(),
                 other => {
                     // The cluster loop outlives every stream; if it is gone
@@ -178,16 +180,25 @@ impl ProtocolSession for Session {
                     if let Some(frame) = buf.pop_front() {
                         return Some((frame, (shared, conn, buf)));
                     }
-                    let open =
-                        shared.with_router(|r, out| r.drain(conn, &mut buf, DRAIN_BATCH, out));
-                    if !open {
+                    let drain = |buf: &mut VecDeque<Outbound>| {
+                        shared.with_router(|r, out| r.drain(conn, buf, DRAIN_BATCH, out))
+                    };
+                    if !drain(&mut buf) {
                         return None;
                     }
                     if buf.is_empty() {
-                        // `notify_one` keeps a permit when nobody waits, so a
-                        // frame queued between the drain and this await is not
-                        // missed.
-                        shared.wake[conn.slot].notified().await;
+                        // Nothing now: register interest, then look once
+                        // more, so a frame queued in between is not missed
+                        // (`notify_waiters` keeps no permit).
+                        let woken = shared.wake[conn.slot].notified();
+                        tokio::pin!(woken);
+                        woken.as_mut().enable();
+                        if !drain(&mut buf) {
+                            return None;
+                        }
+                        if buf.is_empty() {
+                            woken.await;
+                        }
                     }
                 }
             },

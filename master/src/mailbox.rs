@@ -44,6 +44,15 @@ pub struct Bounds {
     pub bytes: usize,
 }
 
+/// Where [`Mailbox::hand_over`] puts the messages it moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// Behind what the receiving mailbox holds.
+    Back,
+    /// Ahead of it.
+    Front,
+}
+
 /// Who to tell if a message never reaches its receiver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReplyTo {
@@ -121,11 +130,10 @@ fn seq_of(entry: &Entry) -> u64 {
 }
 
 impl Mailbox {
-    /// Queues a frame unless a bound refuses it. A message gets the slot's
-    /// next sequence number.
+    /// Queues a frame unless a bound refuses it.
     pub fn push(
         &mut self,
-        mut frame: Outbound,
+        frame: Outbound,
         reply: Option<ReplyTo>,
         pinned: Option<u32>,
         bounds: Bounds,
@@ -143,10 +151,6 @@ impl Mailbox {
                 }
                 self.messages += 1;
                 self.bytes += bytes;
-                self.seq += 1;
-                if let Outbound::Message { seq, .. } = &mut frame {
-                    *seq = self.seq;
-                }
             }
             None => {
                 if self.queue.len() + self.unacked.len() - self.messages >= CONTROL_CAPACITY {
@@ -162,13 +166,20 @@ impl Mailbox {
         Ok(())
     }
 
-    /// Moves up to `max` frames, oldest first, into `out`. With `keep`,
-    /// messages are also kept as unacked until [`Mailbox::ack`].
+    /// Moves up to `max` frames, oldest first, into `out`. Each message gets
+    /// the next sequence number as it is written (so a message handed over
+    /// from another mailbox, or written again to a slot's next process,
+    /// still arrives in ascending order). With `keep`, messages are also
+    /// kept as unacked until [`Mailbox::ack`].
     pub fn drain_into(&mut self, out: &mut VecDeque<Outbound>, max: usize, keep: bool) {
         for _ in 0..max {
-            let Some(entry) = self.queue.pop_front() else {
+            let Some(mut entry) = self.queue.pop_front() else {
                 break;
             };
+            if let Outbound::Message { seq, .. } = &mut entry.frame {
+                self.seq += 1;
+                *seq = self.seq;
+            }
             match size(&entry.frame) {
                 Some(_) if keep => {
                     out.push_back(entry.frame.clone());
@@ -184,13 +195,70 @@ impl Mailbox {
         }
     }
 
-    /// The child handled every message up to `seq`.
-    pub fn ack(&mut self, seq: u64) {
+    /// Moves up to `max` control frames from the head of the queue, up to
+    /// the first message, into `out`: what may be written while messages
+    /// must wait.
+    pub fn drain_controls_into(&mut self, out: &mut VecDeque<Outbound>, max: usize) {
+        for _ in 0..max {
+            match self.queue.front() {
+                Some(entry) if size(&entry.frame).is_none() => {}
+                _ => break,
+            }
+            if let Some(entry) = self.queue.pop_front() {
+                out.push_back(entry.frame);
+            }
+        }
+    }
+
+    /// The child handled every message up to `seq`. Returns how many
+    /// messages that released.
+    pub fn ack(&mut self, seq: u64) -> usize {
+        let mut released = 0;
         while self.unacked.front().is_some_and(|e| seq_of(e) <= seq) {
             if let Some(entry) = self.unacked.pop_front() {
                 if let Some(bytes) = size(&entry.frame) {
                     self.messages -= 1;
                     self.bytes -= bytes;
+                    released += 1;
+                }
+            }
+        }
+        released
+    }
+
+    /// Messages written and not yet acknowledged.
+    pub fn unacked(&self) -> usize {
+        self.unacked.len()
+    }
+
+    /// Moves every queued message that is not pinned to a process into
+    /// `to`, in order, behind what `to` holds (`Place::Back`) or ahead of it
+    /// (`Place::Front`). What stays here: unacked messages, control frames
+    /// and `sendTo(pid)` messages — what belongs to this mailbox's process.
+    /// This is a reload's handover: the messages for the slot follow the
+    /// slot to its new process; the counts move with them.
+    pub fn hand_over(&mut self, to: &mut Mailbox, place: Place) {
+        let mut moved = VecDeque::new();
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for entry in self.queue.drain(..) {
+            match (&entry.frame, entry.pinned) {
+                (Outbound::Message { delivery, .. }, None) => {
+                    let bytes = delivery.action.len() + delivery.data.len();
+                    self.messages -= 1;
+                    self.bytes -= bytes;
+                    to.messages += 1;
+                    to.bytes += bytes;
+                    moved.push_back(entry);
+                }
+                _ => kept.push_back(entry),
+            }
+        }
+        self.queue = kept;
+        match place {
+            Place::Back => to.queue.extend(moved),
+            Place::Front => {
+                while let Some(entry) = moved.pop_back() {
+                    to.queue.push_front(entry);
                 }
             }
         }
@@ -366,11 +434,18 @@ mod tests {
         assert!(m.end_incarnation().is_empty());
         let mut next = VecDeque::new();
         m.drain_into(&mut next, 10, true);
+        // Messages 2 and 3 are written again, with fresh numbers, ahead of
+        // 4 and 5, which were never written.
         assert_eq!(
-            actions(&next).iter().map(|(s, _)| *s).collect::<Vec<_>>(),
-            vec![2, 3, 4, 5]
+            actions(&next),
+            vec![
+                (4, "a1".into()),
+                (5, "a2".into()),
+                (6, "a3".into()),
+                (7, "a4".into())
+            ]
         );
-        m.ack(5);
+        m.ack(7);
         assert_eq!(m.messages(), 0);
         assert_eq!(m.len(), 0);
     }

@@ -11,6 +11,17 @@
 //! Slots: slot 0 is the agent, slots 1..=N are the app workers, and an app's
 //! worker id is its slot number. A slot outlives its processes; each process
 //! that holds it is one *incarnation*.
+//!
+//! A reload overlaps two processes in one slot: a *standby* is launched
+//! beside the current process, registers and gets ready while the current
+//! one keeps serving; once it is ready it is *promoted*: it becomes the
+//! slot's current process and receives the slot's messages from then on,
+//! and the old one becomes *outgoing*: it gets the shutdown notice, may
+//! still send, acknowledge and receive what is addressed to its pid, and
+//! whatever it leaves unacknowledged goes to the new process. The new
+//! process receives no message until the outgoing one has acknowledged
+//! (or given back) everything it was written, so each sender's messages
+//! still arrive in order across the switch.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -21,7 +32,7 @@ use clutch::{
     Code, Delivery, Identity, Origin, Outbound, Registration, Role, SendResult, Target, Undelivered,
 };
 
-use crate::mailbox::{Bounds, Full, Mailbox, ReplyTo, Undeliverable, CONTROL_CAPACITY};
+use crate::mailbox::{Bounds, Full, Mailbox, Place, ReplyTo, Undeliverable, CONTROL_CAPACITY};
 
 /// A slot's index: 0 is the agent, `n` is app worker `n`.
 pub type SlotId = usize;
@@ -107,6 +118,18 @@ pub enum Action {
         /// Its pid.
         pid: u32,
     },
+    /// A reload's standby was ready and took over its slot; the old
+    /// process (if it was still attached) got the shutdown notice.
+    Promoted {
+        /// The slot.
+        slot: SlotId,
+        /// The process replaced, if one was still running the slot.
+        old_pid: Option<u32>,
+        /// The standby, now the slot's current process.
+        new_pid: u32,
+        /// The new process's incarnation.
+        incarnation: u32,
+    },
     /// A frame was refused by a full mailbox (it is counted there too).
     Dropped {
         /// Whose mailbox.
@@ -159,6 +182,38 @@ impl Phase {
     }
 }
 
+/// Which of a slot's processes a stream belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lane {
+    /// The slot's current process: it gets the slot's messages.
+    Current,
+    /// A reload's new process, not promoted yet.
+    Standby,
+    /// The process a reload replaced, on its way out.
+    Outgoing,
+}
+
+/// A slot's second process during a reload: the standby that will replace
+/// the current process, or the outgoing one it replaced.
+#[derive(Debug)]
+struct Overlap {
+    /// Its pid.
+    pid: u32,
+    /// Its incarnation (unique in the slot).
+    incarnation: u32,
+    /// Its registration secret.
+    secret: String,
+    /// `Some(acks)` once its stream registered.
+    attached: Option<bool>,
+    /// It said it is ready.
+    ready: bool,
+    /// The grace the outgoing process is told in its shutdown notice.
+    grace_ms: u32,
+    /// Its own frames: control frames, `sendTo(pid)` messages and, for the
+    /// outgoing process, the slot's messages it has not acknowledged yet.
+    mailbox: Mailbox,
+}
+
 /// One agent or app worker position in the cluster.
 #[derive(Debug)]
 struct Slot {
@@ -166,8 +221,11 @@ struct Slot {
     role: Role,
     /// 0 for the agent, 1..=N for apps.
     worker_id: u32,
-    /// Processes launched for this slot so far.
+    /// The current process's incarnation.
     incarnation: u32,
+    /// Processes launched for this slot so far: incarnations stay unique
+    /// even when a standby fails before it is promoted.
+    launched: u32,
     /// The current incarnation's state.
     phase: Phase,
     /// Whether the current incarnation got egg-ready (exactly once each).
@@ -183,9 +241,14 @@ struct Slot {
     delivered: u64,
     /// Frames refused by this slot's mailbox.
     dropped: u64,
-    /// Frames written to the slot's streams so far: flow control tells a
-    /// slow receiver (this moves) from a stuck one (it does not).
+    /// Frames written to the slot's streams so far (and messages the
+    /// outgoing process acknowledged): flow control tells a slow receiver
+    /// (this moves) from a stuck one (it does not).
     drained: u64,
+    /// A reload's new process, until it is ready.
+    standby: Option<Overlap>,
+    /// The process a reload replaced, until its stream ends.
+    outgoing: Option<Overlap>,
 }
 
 impl Slot {
@@ -195,11 +258,43 @@ impl Slot {
             _ => self.role.to_string(),
         }
     }
+
+    fn overlap(&mut self, lane: Lane) -> Option<&mut Overlap> {
+        match lane {
+            Lane::Current => None,
+            Lane::Standby => self.standby.as_mut(),
+            Lane::Outgoing => self.outgoing.as_mut(),
+        }
+    }
+
+    /// The mailbox of one of the slot's processes, and whether that process
+    /// has a stream to write it to.
+    fn lane(&mut self, lane: Lane) -> Option<(&mut Mailbox, bool)> {
+        match lane {
+            Lane::Current => Some((
+                &mut self.mailbox,
+                matches!(self.phase, Phase::Attached { .. }),
+            )),
+            _ => self
+                .overlap(lane)
+                .map(|o| (&mut o.mailbox, o.attached.is_some())),
+        }
+    }
+
+    /// The new process may not be written messages yet: the outgoing one
+    /// still has some it has neither acknowledged nor given back.
+    fn handing_over(&self) -> bool {
+        self.outgoing
+            .as_ref()
+            .is_some_and(|o| o.mailbox.unacked() > 0)
+    }
 }
 
-/// A read-only view of one slot, for logs and listings.
+/// A read-only view of one process (or empty slot), for logs and listings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlotView {
+    /// The slot.
+    pub slot: SlotId,
     /// Agent or app.
     pub role: Role,
     /// 0 for the agent, 1..=N for apps.
@@ -214,7 +309,8 @@ pub struct SlotView {
     pub delivered: u64,
     /// Frames its mailbox refused.
     pub dropped: u64,
-    /// idle, spawned, registered, ready, detached, exited or failed.
+    /// idle, spawned, registered, ready, detached, exited or failed; for a
+    /// reload's extra process, standby or retiring.
     pub state: &'static str,
 }
 
@@ -249,6 +345,7 @@ impl Router {
             role,
             worker_id,
             incarnation: 0,
+            launched: 0,
             phase: Phase::Idle,
             egg_ready_sent: false,
             mailbox: Mailbox::default(),
@@ -257,6 +354,8 @@ impl Router {
             delivered: 0,
             dropped: 0,
             drained: 0,
+            standby: None,
+            outgoing: None,
         };
         let mut slots = vec![slot(Role::Agent, 0)];
         slots.extend((1..=workers).map(|id| slot(Role::App, id as u32)));
@@ -283,11 +382,13 @@ impl Router {
         self.slots[slot].name()
     }
 
-    /// Snapshot of every slot.
+    /// Snapshot of every slot, and after a slot its reload's extra
+    /// processes.
     pub fn view(&self) -> Vec<SlotView> {
-        self.slots
-            .iter()
-            .map(|s| SlotView {
+        let mut views = Vec::with_capacity(self.slots.len());
+        for (slot, s) in self.slots.iter().enumerate() {
+            views.push(SlotView {
+                slot,
                 role: s.role,
                 worker_id: s.worker_id,
                 pid: s.phase.pid(),
@@ -304,8 +405,24 @@ impl Router {
                     Phase::Exited { .. } => "exited",
                     Phase::Failed { .. } => "failed",
                 },
-            })
-            .collect()
+            });
+            for (o, state) in [(&s.standby, "standby"), (&s.outgoing, "retiring")] {
+                if let Some(o) = o {
+                    views.push(SlotView {
+                        slot,
+                        role: s.role,
+                        worker_id: s.worker_id,
+                        pid: Some(o.pid),
+                        incarnation: o.incarnation,
+                        pending: o.mailbox.len(),
+                        delivered: 0,
+                        dropped: 0,
+                        state,
+                    });
+                }
+            }
+        }
+        views
     }
 
     /// The incarnation of `slot`'s current (or last) process.
@@ -315,24 +432,67 @@ impl Router {
 
     /// The incarnation number the next process of `slot` will have.
     pub fn next_incarnation(&self, slot: SlotId) -> u32 {
-        self.slots[slot].incarnation + 1
+        self.slots[slot].launched + 1
     }
 
     /// A process was launched for `slot` with this pid and secret.
     pub fn spawned(&mut self, slot: SlotId, pid: u32, secret: String, out: &mut Vec<Action>) {
         self.end_incarnation(slot, out);
         if let Some(old) = self.slots[slot].phase.pid() {
-            self.pids.remove(&old);
-            if self.retired.len() == RETIRED_PIDS {
-                self.retired.pop_front();
-            }
-            self.retired.push_back((old, slot));
+            self.retire(old, slot);
         }
         let s = &mut self.slots[slot];
-        s.incarnation += 1;
+        s.launched += 1;
+        s.incarnation = s.launched;
         s.phase = Phase::Spawned { pid, secret };
         s.egg_ready_sent = false;
         self.pids.insert(pid, slot);
+    }
+
+    /// Why `slot` cannot take a reload's standby now, if it cannot: only a
+    /// ready app worker with no other reload in progress is replaced so.
+    pub fn standby_refused(&self, slot: SlotId) -> Option<String> {
+        let s = self.slots.get(slot)?;
+        if s.role != Role::App {
+            Some(format!("{} is not an app worker", s.name()))
+        } else if self.shutting_down {
+            Some("the cluster is stopping".into())
+        } else if s.standby.is_some() || s.outgoing.is_some() {
+            Some(format!("{} is already being replaced", s.name()))
+        } else if !s.phase.is_ready() {
+            Some(format!("{} has no ready process to replace", s.name()))
+        } else {
+            None
+        }
+    }
+
+    /// A reload's new process was launched for `slot`, beside its current
+    /// one (check [`Router::standby_refused`] first). Once it registers and
+    /// says it is ready, it is promoted; the old process is then told to
+    /// stop with `grace_ms`.
+    pub fn spawned_standby(&mut self, slot: SlotId, pid: u32, secret: String, grace_ms: u32) {
+        let s = &mut self.slots[slot];
+        s.launched += 1;
+        s.standby = Some(Overlap {
+            pid,
+            incarnation: s.launched,
+            secret,
+            attached: None,
+            ready: false,
+            grace_ms,
+            mailbox: Mailbox::default(),
+        });
+        self.pids.insert(pid, slot);
+    }
+
+    /// Forgets a pid that no longer runs the slot, remembering it for a
+    /// while so that a `sendTo` it can say the process exited.
+    fn retire(&mut self, pid: u32, slot: SlotId) {
+        self.pids.remove(&pid);
+        if self.retired.len() == RETIRED_PIDS {
+            self.retired.pop_front();
+        }
+        self.retired.push_back((pid, slot));
     }
 
     /// True when `slot`'s process of this incarnation said it is ready.
@@ -378,7 +538,7 @@ impl Router {
             incarnation: u.reply.sender_incarnation,
         };
         // A sender that is gone has no one left to tell.
-        if self.current(sender).is_some() {
+        if let Some(lane) = self.lane_of(sender) {
             let result = SendResult {
                 id: u.reply.send_id,
                 action: u.action,
@@ -386,7 +546,8 @@ impl Router {
                 held: 0,
                 undelivered: vec![undelivered],
             };
-            let _ = self.push(sender.slot, Outbound::SendResult(result), None, None, out);
+            let frame = Outbound::SendResult(result);
+            let _ = self.push_to(sender.slot, lane, frame, None, None, out);
         }
     }
 
@@ -404,15 +565,12 @@ impl Router {
             return Err(RegisterError::MissingSecret);
         }
         let claimed = reg.role.ok_or(RegisterError::MissingRole)?;
-        let found = self.slots.iter().position(|s| match &s.phase {
-            Phase::Spawned { secret, .. }
-            | Phase::Attached { secret, .. }
-            | Phase::Detached { secret, .. } => {
-                constant_time_eq(secret.as_bytes(), reg.secret.as_bytes())
-            }
-            _ => false,
-        });
-        let slot = found.ok_or(RegisterError::UnknownSecret)?;
+        let (slot, lane) = self
+            .secret_owner(&reg.secret)
+            .ok_or(RegisterError::UnknownSecret)?;
+        if lane != Lane::Current {
+            return self.register_standby(slot, lane, claimed, reg.acks, out);
+        }
         let workers = self.workers() as u32;
         let s = &mut self.slots[slot];
         let Phase::Spawned { pid, secret } = &s.phase else {
@@ -461,8 +619,83 @@ impl Router {
         Ok((identity, conn))
     }
 
+    /// Attaches a reload's standby. It hears of the agent as any app does;
+    /// it gets no message for the slot until it is promoted.
+    fn register_standby(
+        &mut self,
+        slot: SlotId,
+        lane: Lane,
+        claimed: Role,
+        acks: bool,
+        out: &mut Vec<Action>,
+    ) -> Result<(Identity, Conn), RegisterError> {
+        let workers = self.workers() as u32;
+        let master_pid = self.master_pid;
+        let s = &mut self.slots[slot];
+        let (role, worker_id, name) = (s.role, s.worker_id, s.name());
+        let o = match s.overlap(lane) {
+            Some(o) if lane == Lane::Standby && o.attached.is_none() => o,
+            _ => return Err(RegisterError::SecretUsed { role, slot: name }),
+        };
+        if claimed != role {
+            return Err(RegisterError::RoleMismatch {
+                expected: role,
+                claimed,
+            });
+        }
+        o.attached = Some(acks);
+        let identity = Identity {
+            role,
+            worker_id,
+            pid: o.pid,
+            master_pid,
+            workers,
+            incarnation: o.incarnation,
+        };
+        let conn = Conn {
+            slot,
+            incarnation: o.incarnation,
+        };
+        out.push(Action::Registered {
+            slot,
+            pid: identity.pid,
+            incarnation: identity.incarnation,
+        });
+        let agent = self.agent_pids();
+        let _ = self.push_to(slot, lane, Outbound::EggPids(agent), None, None, out);
+        Ok((identity, conn))
+    }
+
+    /// The slot and process a registration secret belongs to.
+    fn secret_owner(&self, candidate: &str) -> Option<(SlotId, Lane)> {
+        let matches = |secret: &str| constant_time_eq(secret.as_bytes(), candidate.as_bytes());
+        self.slots.iter().enumerate().find_map(|(slot, s)| {
+            let current = match &s.phase {
+                Phase::Spawned { secret, .. }
+                | Phase::Attached { secret, .. }
+                | Phase::Detached { secret, .. } => matches(secret),
+                _ => false,
+            };
+            if current {
+                return Some((slot, Lane::Current));
+            }
+            [(&s.standby, Lane::Standby), (&s.outgoing, Lane::Outgoing)]
+                .into_iter()
+                .find_map(|(o, lane)| {
+                    o.as_ref()
+                        .filter(|o| matches(&o.secret))
+                        .map(|_| (slot, lane))
+                })
+        })
+    }
+
     /// The stream's process declared itself ready.
     pub fn ready(&mut self, conn: Conn, out: &mut Vec<Action>) {
+        match self.lane_of(conn) {
+            Some(Lane::Current) => {}
+            Some(Lane::Standby) => return self.standby_ready(conn, out),
+            _ => return,
+        }
         let Some(s) = self.current(conn) else { return };
         let Phase::Attached { ready, .. } = &mut s.phase else {
             return;
@@ -508,26 +741,130 @@ impl Router {
         }
     }
 
+    /// A reload's standby is ready: it gets its egg-ready and takes over.
+    fn standby_ready(&mut self, conn: Conn, out: &mut Vec<Action>) {
+        let Some(o) = self.slots[conn.slot].standby.as_mut() else {
+            return;
+        };
+        if o.ready || o.attached.is_none() {
+            return;
+        }
+        o.ready = true;
+        let pid = o.pid;
+        out.push(Action::Ready {
+            slot: conn.slot,
+            pid,
+            incarnation: conn.incarnation,
+        });
+        // A standby exists only after the barrier passed: it is told at once.
+        let _ = self.push_to(
+            conn.slot,
+            Lane::Standby,
+            Outbound::EggReady,
+            None,
+            None,
+            out,
+        );
+        self.promote(conn.slot, out);
+    }
+
+    /// The standby becomes the slot's current process; the old one, if its
+    /// stream is still up, becomes outgoing and gets the shutdown notice.
+    /// Messages queued for the slot and not yet written follow the slot.
+    fn promote(&mut self, slot: SlotId, out: &mut Vec<Action>) {
+        let s = &mut self.slots[slot];
+        let Some(new) = s.standby.take() else { return };
+        let incoming = Phase::Attached {
+            pid: new.pid,
+            secret: new.secret,
+            ready: true,
+            acks: new.attached.unwrap_or(false),
+        };
+        let old = std::mem::replace(&mut s.phase, incoming);
+        let old_incarnation = std::mem::replace(&mut s.incarnation, new.incarnation);
+        let mut old_box = std::mem::replace(&mut s.mailbox, new.mailbox);
+        s.egg_ready_sent = true;
+        old_box.hand_over(&mut s.mailbox, Place::Back);
+        let old_pid = old.pid();
+        match old {
+            Phase::Attached {
+                pid,
+                secret,
+                ready,
+                acks,
+            } => {
+                let mut o = Overlap {
+                    pid,
+                    incarnation: old_incarnation,
+                    secret,
+                    attached: Some(acks),
+                    ready,
+                    grace_ms: new.grace_ms,
+                    mailbox: old_box,
+                };
+                let notice = Outbound::Shutdown {
+                    grace_ms: new.grace_ms,
+                };
+                // Control frames have their own room; if even that is full
+                // the process is not reading, and the signals end it.
+                let _ = o.mailbox.push(notice, None, None, self.limits.mailbox);
+                s.outgoing = Some(o);
+            }
+            // The old process is gone already (or cut off); what it left
+            // was handed over at its end, and its pid is retired.
+            _ => {
+                if let Some(pid) = old_pid {
+                    self.retire(pid, slot);
+                }
+            }
+        }
+        // Both streams have something new: the old its notice, the new the
+        // slot's messages (once the handover allows).
+        out.push(Action::Wake(slot));
+        out.push(Action::Promoted {
+            slot,
+            old_pid,
+            new_pid: new.pid,
+            incarnation: new.incarnation,
+        });
+        self.tell_agent_app_pids(out);
+    }
+
     /// Routes one send from an attached stream. Returns the attached slots
     /// whose mailboxes are past the high watermark, which the sender should
     /// wait on before sending more (flow control).
     pub fn send(&mut self, conn: Conn, req: SendRequest, out: &mut Vec<Action>) -> Vec<SlotId> {
         let mut congested = Vec::new();
-        let Some(sender) = self.current(conn) else {
+        let Some(lane) = self.lane_of(conn) else {
             return congested;
         };
-        if !matches!(sender.phase, Phase::Attached { .. }) {
-            return congested;
-        }
+        let s = &mut self.slots[conn.slot];
+        let (role, worker_id) = (s.role, s.worker_id);
+        let pid = match lane {
+            Lane::Current => match s.phase {
+                Phase::Attached { pid, .. } => pid,
+                _ => return congested,
+            },
+            _ => match s.overlap(lane) {
+                Some(o) if o.attached.is_some() => o.pid,
+                _ => return congested,
+            },
+        };
         let from = Origin {
-            role: sender.role,
-            pid: sender.phase.pid().unwrap_or(0),
-            worker_id: sender.worker_id,
+            role,
+            pid,
+            worker_id,
         };
         let want_result = req.want_result;
         let result = self.route(from, Some(conn), req, &mut congested, out);
         if want_result || !result.undelivered.is_empty() {
-            let _ = self.push(conn.slot, Outbound::SendResult(result), None, None, out);
+            let frame = Outbound::SendResult(result);
+            let _ = self.push_to(conn.slot, lane, frame, None, None, out);
+            if lane != Lane::Current {
+                // A reload's extra process is short-lived: its results
+                // are bounded by its mailbox's control room alone.
+                return congested;
+            }
             // A sender that is sent results faster than it reads them is
             // slowed like any receiver, so that no result (above all no
             // report of a refusal) is ever dropped for lack of room.
@@ -602,7 +939,23 @@ impl Router {
                     Some(Target::Pid(pid)) => Some(pid),
                     _ => None,
                 };
-                for slot in targets {
+                for (slot, lane) in targets {
+                    if lane != Lane::Current {
+                        // A `sendTo` the pid of a reload's extra process:
+                        // it is that process's alone, outside flow control
+                        // (bounded by its mailbox).
+                        let frame = Outbound::Message {
+                            seq: 0,
+                            delivery: delivery.clone(),
+                        };
+                        let attached = self.slots[slot].lane(lane).is_some_and(|(_, a)| a);
+                        match self.push_to(slot, lane, frame, reply, pinned, out) {
+                            Ok(()) if attached => result.delivered += 1,
+                            Ok(()) => result.held += 1,
+                            Err(full) => result.undelivered.push(self.undelivered_full(slot, full)),
+                        }
+                        continue;
+                    }
                     if let Phase::Failed { .. } = self.slots[slot].phase {
                         let s = &self.slots[slot];
                         result.undelivered.push(Undelivered {
@@ -652,7 +1005,7 @@ impl Router {
         data: &Bytes,
         target: Option<Target>,
         from: Role,
-    ) -> Result<Vec<SlotId>, Undelivered> {
+    ) -> Result<Vec<(SlotId, Lane)>, Undelivered> {
         let invalid = |code, message: String| Undelivered {
             code,
             message,
@@ -690,11 +1043,12 @@ impl Router {
             ));
         };
         let apps = 1..self.slots.len();
+        let current = |slot| (slot, Lane::Current);
         Ok(match target {
-            Target::Broadcast => (0..self.slots.len()).collect(),
-            Target::Apps => apps.collect(),
-            Target::Agent => vec![AGENT],
-            Target::Random if from == Role::App => vec![AGENT],
+            Target::Broadcast => (0..self.slots.len()).map(current).collect(),
+            Target::Apps => apps.map(current).collect(),
+            Target::Agent => vec![current(AGENT)],
+            Target::Random if from == Role::App => vec![current(AGENT)],
             Target::Random => {
                 let ready: Vec<SlotId> = apps.filter(|&s| self.slots[s].phase.is_ready()).collect();
                 if ready.is_empty() {
@@ -703,26 +1057,28 @@ impl Router {
                         "sendRandom found no ready app worker to pick".into(),
                     ));
                 }
-                vec![ready[self.next_random() as usize % ready.len()]]
+                vec![current(ready[self.next_random() as usize % ready.len()])]
             }
             Target::Pid(pid) => match self
                 .pids
                 .get(&pid)
                 .copied()
                 .or_else(|| self.retired_slot(pid))
+                .map(|slot| (slot, self.overlap_lane(slot, pid)))
             {
+                Some((slot, Some(lane))) => vec![(slot, lane)],
                 // A detached process can never read again (its secret is
                 // spent): it is as gone as an exited one.
-                Some(slot)
+                Some((slot, None))
                     if self.slots[slot].phase.pid() == Some(pid)
                         && !matches!(
                             self.slots[slot].phase,
                             Phase::Exited { .. } | Phase::Failed { .. } | Phase::Detached { .. }
                         ) =>
                 {
-                    vec![slot]
+                    vec![current(slot)]
                 }
-                Some(slot) => {
+                Some((slot, None)) => {
                     let gone = match self.slots[slot].phase {
                         Phase::Detached { pid: current, .. } if current == pid => {
                             "has disconnected"
@@ -748,6 +1104,14 @@ impl Router {
                 }
             },
         })
+    }
+
+    /// Which of `slot`'s reload processes has this pid, if one has.
+    fn overlap_lane(&self, slot: SlotId, pid: u32) -> Option<Lane> {
+        let s = &self.slots[slot];
+        [(&s.standby, Lane::Standby), (&s.outgoing, Lane::Outgoing)]
+            .into_iter()
+            .find_map(|(o, lane)| o.as_ref().filter(|o| o.pid == pid).map(|_| lane))
     }
 
     fn retired_slot(&self, pid: u32) -> Option<SlotId> {
@@ -776,6 +1140,23 @@ impl Router {
 
     /// The stream of `conn` ended.
     pub fn detach(&mut self, conn: Conn, out: &mut Vec<Action>) {
+        match self.lane_of(conn) {
+            Some(Lane::Current) => {}
+            Some(lane) => {
+                let pid = self.slots[conn.slot].overlap(lane).map_or(0, |o| o.pid);
+                self.end_overlap(conn.slot, lane, out);
+                // An outgoing process is on its way out already; a standby
+                // that hangs up is of no use and is ended.
+                if lane == Lane::Standby {
+                    out.push(Action::Detached {
+                        slot: conn.slot,
+                        pid,
+                    });
+                }
+                return;
+            }
+            None => return,
+        }
         let Some(s) = self.current(conn) else { return };
         let Phase::Attached { pid, secret, .. } = &s.phase else {
             return;
@@ -795,8 +1176,36 @@ impl Router {
         self.lost_liveness(role, out);
     }
 
+    /// A reload's extra process is gone (its stream ended or it exited).
+    /// A standby takes with it only what was its own; an outgoing process
+    /// gives back what it had not acknowledged, ahead of everything queued
+    /// for the new process, which may then be written to.
+    fn end_overlap(&mut self, slot: SlotId, lane: Lane, out: &mut Vec<Action>) {
+        let s = &mut self.slots[slot];
+        let gone = match lane {
+            Lane::Current => return,
+            Lane::Standby => s.standby.take(),
+            Lane::Outgoing => s.outgoing.take(),
+        };
+        let Some(mut o) = gone else { return };
+        let lost = o.mailbox.end_incarnation();
+        o.mailbox.hand_over(&mut s.mailbox, Place::Front);
+        let name = s.name();
+        if !s.mailbox.is_empty() {
+            out.push(Action::Wake(slot));
+        }
+        self.retire(o.pid, slot);
+        for u in lost {
+            let why = format!("pid {} ({name}) exited before handling the message", o.pid);
+            self.report(slot, u, Code::NotFound, why, out);
+        }
+    }
+
     /// The process `pid` of `slot` exited.
     pub fn exited(&mut self, slot: SlotId, pid: u32, out: &mut Vec<Action>) {
+        if let Some(lane) = self.overlap_lane(slot, pid) {
+            return self.end_overlap(slot, lane, out);
+        }
         let s = &mut self.slots[slot];
         if s.phase.pid() != Some(pid) {
             return; // an older incarnation, already replaced
@@ -857,23 +1266,15 @@ impl Router {
 
     /// The slot of the process with this current pid.
     pub fn slot_of_pid(&self, pid: u32) -> Option<SlotId> {
-        self.pids
-            .get(&pid)
-            .copied()
-            .filter(|&s| self.slots[s].phase.pid() == Some(pid))
+        self.pids.get(&pid).copied().filter(|&s| {
+            self.slots[s].phase.pid() == Some(pid) || self.overlap_lane(s, pid).is_some()
+        })
     }
 
     /// True while a secret belongs to one of the cluster's processes (used
     /// to refuse child secrets on admin RPCs with a precise reason).
     pub fn is_child_secret(&self, candidate: &str) -> bool {
-        self.slots.iter().any(|s| match &s.phase {
-            Phase::Spawned { secret, .. }
-            | Phase::Attached { secret, .. }
-            | Phase::Detached { secret, .. } => {
-                constant_time_eq(secret.as_bytes(), candidate.as_bytes())
-            }
-            _ => false,
-        })
+        self.secret_owner(candidate).is_some()
     }
 
     /// Begins shutdown for every child of `role`: refuse new registrations
@@ -899,6 +1300,16 @@ impl Router {
                 Phase::Exited { .. } | Phase::Failed { .. } | Phase::Idle => {}
                 ref p => pids.extend(p.pid().map(|pid| (slot, pid))),
             }
+            // A reload's standby is stopped like the rest; the outgoing
+            // process has had its notice.
+            if let Some(o) = &self.slots[slot].standby {
+                pids.push((slot, o.pid));
+                if o.attached.is_some() {
+                    let notice = Outbound::Shutdown { grace_ms };
+                    let _ = self.push_to(slot, Lane::Standby, notice, None, None, out);
+                }
+            }
+            pids.extend(self.slots[slot].outgoing.as_ref().map(|o| (slot, o.pid)));
         }
         pids
     }
@@ -913,12 +1324,31 @@ impl Router {
         out: &mut Vec<Action>,
     ) -> bool {
         let low = self.low_watermark();
+        let lane = match self.lane_of(conn) {
+            Some(Lane::Current) => Lane::Current,
+            Some(lane) => {
+                let Some(o) = self.slots[conn.slot].overlap(lane) else {
+                    return false;
+                };
+                let Some(acks) = o.attached else { return false };
+                o.mailbox.drain_into(buf, max, acks);
+                return true;
+            }
+            None => return false,
+        };
+        debug_assert_eq!(lane, Lane::Current);
         let Some(s) = self.current(conn) else {
             return false;
         };
         let Phase::Attached { acks, .. } = s.phase else {
             return false;
         };
+        if s.handing_over() {
+            // Messages are written once the outgoing process is done with
+            // its share; the control frames ahead of them need not wait.
+            s.mailbox.drain_controls_into(buf, max);
+            return true;
+        }
         let before = buf.len();
         s.mailbox.drain_into(buf, max, acks);
         s.drained += (buf.len() - before) as u64;
@@ -929,6 +1359,21 @@ impl Router {
     /// The child of `conn` handled every message up to `seq`.
     pub fn ack(&mut self, conn: Conn, seq: u64, out: &mut Vec<Action>) {
         let low = self.low_watermark();
+        if let Some(lane @ (Lane::Standby | Lane::Outgoing)) = self.lane_of(conn) {
+            let s = &mut self.slots[conn.slot];
+            let Some(o) = s.overlap(lane) else { return };
+            let released = o.mailbox.ack(seq);
+            if lane == Lane::Outgoing && released > 0 {
+                // The outgoing process's progress is the slot's progress:
+                // senders waiting on the slot keep waiting, and once it is
+                // done the new process is written to.
+                s.drained += released as u64;
+                if !s.handing_over() {
+                    out.push(Action::Wake(conn.slot));
+                }
+            }
+            return;
+        }
         let Some(s) = self.current(conn) else { return };
         if matches!(s.phase, Phase::Attached { acks: true, .. }) {
             s.mailbox.ack(seq);
@@ -982,6 +1427,25 @@ impl Router {
 
     fn low_watermark(&self) -> usize {
         (self.limits.mailbox.messages / 4).max(1)
+    }
+
+    /// Which of its slot's processes a stream belongs to, if it still
+    /// belongs to one.
+    fn lane_of(&self, conn: Conn) -> Option<Lane> {
+        let s = self.slots.get(conn.slot)?;
+        let is = |o: &Option<Overlap>| {
+            o.as_ref()
+                .is_some_and(|o| o.incarnation == conn.incarnation)
+        };
+        if s.incarnation == conn.incarnation {
+            Some(Lane::Current)
+        } else if is(&s.standby) {
+            Some(Lane::Standby)
+        } else if is(&s.outgoing) {
+            Some(Lane::Outgoing)
+        } else {
+            None
+        }
     }
 
     fn current(&mut self, conn: Conn) -> Option<&mut Slot> {
@@ -1047,16 +1511,32 @@ impl Router {
         pinned: Option<u32>,
         out: &mut Vec<Action>,
     ) -> Result<(), Full> {
+        self.push_to(slot, Lane::Current, frame, reply, pinned, out)
+    }
+
+    /// [`Router::push`] for one of the slot's processes. A process that is
+    /// gone refuses as a full mailbox would not: the frame is simply moot.
+    fn push_to(
+        &mut self,
+        slot: SlotId,
+        lane: Lane,
+        frame: Outbound,
+        reply: Option<ReplyTo>,
+        pinned: Option<u32>,
+        out: &mut Vec<Action>,
+    ) -> Result<(), Full> {
         let bounds = self.limits.mailbox;
-        let attached = self.is_attached(slot);
         let s = &mut self.slots[slot];
-        let was_empty = s.mailbox.is_empty();
         let what: Option<Arc<str>> = match &frame {
             Outbound::Message { delivery, .. } => Some(delivery.action.clone()),
             _ => None,
         };
         let kind = frame_kind(&frame);
-        match s.mailbox.push(frame, reply, pinned, bounds) {
+        let Some((mailbox, attached)) = s.lane(lane) else {
+            return Ok(());
+        };
+        let was_empty = mailbox.is_empty();
+        match mailbox.push(frame, reply, pinned, bounds) {
             Ok(()) => {
                 if attached && was_empty {
                     out.push(Action::Wake(slot));
@@ -1717,12 +2197,14 @@ mod tests {
                 _ => None,
             })
             .collect();
+        // Written again, they get fresh numbers, still ascending.
+        let last = seqs[2];
         assert_eq!(
             got,
             vec![
-                (seqs[1], b"t".to_vec()),
-                (seqs[2], b"t".to_vec()),
-                (seqs[2] + 1, b"u".to_vec())
+                (last + 1, b"t".to_vec()),
+                (last + 2, b"t".to_vec()),
+                (last + 3, b"u".to_vec())
             ]
         );
     }
@@ -1774,5 +2256,263 @@ mod tests {
         f.frames(1);
         assert!(f.router.has_room(1));
         assert!(f.actions.contains(&Action::Relieved(1)));
+    }
+
+    /// Sends `action` with `n` as its payload from the agent to the apps.
+    fn tick(f: &mut Fixture, action: &str, n: u8) {
+        let conn = f.conn(AGENT);
+        let req = SendRequest {
+            id: 0,
+            target: Some(Target::Apps),
+            action: action.into(),
+            data: Bytes::from(vec![n]),
+            want_result: false,
+        };
+        f.router.send(conn, req, &mut f.actions);
+    }
+
+    /// Drains a stream by its conn: (seq, payload) of its messages, and
+    /// the kinds of the other frames.
+    fn drain_conn(f: &mut Fixture, conn: Conn) -> (Vec<(u64, u8)>, Vec<&'static str>) {
+        let mut buf = VecDeque::new();
+        f.router.drain(conn, &mut buf, usize::MAX, &mut f.actions);
+        let mut messages = Vec::new();
+        let mut others = Vec::new();
+        for frame in buf {
+            match frame {
+                Outbound::Message { seq, delivery } => messages.push((seq, delivery.data[0])),
+                other => others.push(frame_kind(&other)),
+            }
+        }
+        (messages, others)
+    }
+
+    /// An agent and two apps, up; app 1 acknowledges what it handles.
+    fn reload_fixture() -> Fixture {
+        let mut f = Fixture::new(2);
+        f.register(AGENT);
+        f.register_with(1, "s1".into(), true);
+        f.register(2);
+        for slot in 0..=2 {
+            f.ready(slot);
+        }
+        for slot in 0..=2 {
+            f.frames(slot);
+        }
+        f.actions.clear();
+        f
+    }
+
+    /// Launches, registers and (optionally) readies a standby for slot 1.
+    fn standby(f: &mut Fixture, pid: u32, secret: &str, ready: bool) -> Conn {
+        assert_eq!(f.router.standby_refused(1), None);
+        f.router.spawned_standby(1, pid, secret.into(), 5000);
+        assert!(f.router.standby_refused(1).is_some(), "one at a time");
+        let reg = Registration {
+            secret: secret.into(),
+            role: Some(Role::App),
+            acks: true,
+        };
+        let (id, conn) = f.router.register(&reg, &mut f.actions).expect("registers");
+        assert_eq!((id.pid, id.worker_id), (pid, 1));
+        if ready {
+            f.router.ready(conn, &mut f.actions);
+        }
+        conn
+    }
+
+    #[test]
+    fn a_reload_standby_takes_over_when_ready_and_the_old_process_hands_over_in_order() {
+        let mut f = reload_fixture();
+        let old = f.conn(1);
+        for n in 1..=3 {
+            tick(&mut f, "m", n);
+        }
+        let (written, _) = drain_conn(&mut f, old);
+        assert_eq!(written.iter().map(|m| m.1).collect::<Vec<_>>(), [1, 2, 3]);
+        f.router.ack(old, written[0].0, &mut f.actions);
+
+        // The standby starts while the old process keeps the slot's traffic.
+        let new = standby(&mut f, 201, "n1", false);
+        assert_eq!(new.incarnation, 2);
+        tick(&mut f, "m", 4);
+        let (before, kinds) = drain_conn(&mut f, new);
+        assert!(before.is_empty(), "no message before the promotion");
+        assert_eq!(kinds, ["egg-pids"]);
+        let states: Vec<&str> = f.router.view().iter().map(|v| v.state).collect();
+        assert_eq!(states, ["ready", "ready", "standby", "ready"]);
+        tick(&mut f, "m", 5);
+
+        // Ready: promoted. The old process gets only its notice; the agent
+        // hears the new pid set.
+        f.actions.clear();
+        f.router.ready(new, &mut f.actions);
+        assert!(f.actions.contains(&Action::Promoted {
+            slot: 1,
+            old_pid: Some(pid(1)),
+            new_pid: 201,
+            incarnation: 2,
+        }));
+        let pids = f.frames(AGENT).into_iter().find_map(|o| match o {
+            Outbound::EggPids(p) => Some(p.to_vec()),
+            _ => None,
+        });
+        assert_eq!(pids, Some(vec![201, pid(2)]));
+        assert_eq!(drain_conn(&mut f, old), (vec![], vec!["shutdown"]));
+        let states: Vec<&str> = f.router.view().iter().map(|v| v.state).collect();
+        assert_eq!(states, ["ready", "ready", "retiring", "ready"]);
+
+        // The new process waits while the old one has unacked messages;
+        // a sendTo the old pid still reaches the old process.
+        tick(&mut f, "m", 6);
+        let (held, kinds) = drain_conn(&mut f, new);
+        assert!(
+            held.is_empty(),
+            "handover: nothing before the old one is done"
+        );
+        assert_eq!(kinds, ["egg-ready"]);
+        let agent = f.conn(AGENT);
+        let req = SendRequest {
+            id: 77,
+            target: Some(Target::Pid(pid(1))),
+            action: "direct".into(),
+            data: Bytes::from_static(&[9]),
+            want_result: false,
+        };
+        f.router.send(agent, req, &mut f.actions);
+        let (direct, _) = drain_conn(&mut f, old);
+        assert_eq!(direct.iter().map(|m| m.1).collect::<Vec<_>>(), [9]);
+        f.router.ack(old, written[1].0, &mut f.actions);
+        assert!(
+            drain_conn(&mut f, new).0.is_empty(),
+            "message 3 is still out"
+        );
+
+        // The old process exits without acknowledging 3 or the direct
+        // message: 3 goes to the new process ahead of the rest, in order;
+        // the direct one is reported to its sender.
+        f.router.exited(1, pid(1), &mut f.actions);
+        let (handed, _) = drain_conn(&mut f, new);
+        assert_eq!(handed.iter().map(|m| m.1).collect::<Vec<_>>(), [3, 4, 5, 6]);
+        assert!(handed.windows(2).all(|w| w[0].0 < w[1].0), "{handed:?}");
+        let report = f.result(AGENT);
+        assert_eq!(report.id, 77);
+        assert_eq!(report.undelivered[0].code, Code::NotFound);
+        assert!(report.undelivered[0].message.contains("exited"));
+        assert_eq!(f.router.view().len(), 3, "no extra process left");
+        assert_eq!(f.router.slot_of_pid(201), Some(1));
+        assert_eq!(f.router.slot_of_pid(pid(1)), None);
+        f.send(AGENT, Some(Target::Pid(pid(1))), "late", b"x");
+        let late = f.result(AGENT);
+        assert!(
+            late.undelivered[0].message.contains("has exited"),
+            "{late:?}"
+        );
+    }
+
+    #[test]
+    fn an_outgoing_process_that_acknowledges_everything_opens_the_way_at_once() {
+        let mut f = reload_fixture();
+        let old = f.conn(1);
+        tick(&mut f, "m", 1);
+        let (written, _) = drain_conn(&mut f, old);
+        let new = standby(&mut f, 201, "n1", true);
+        tick(&mut f, "m", 2);
+        assert!(drain_conn(&mut f, new).0.is_empty());
+        f.actions.clear();
+        f.router.ack(old, written[0].0, &mut f.actions);
+        assert!(f.actions.contains(&Action::Wake(1)), "{:?}", f.actions);
+        assert_eq!(
+            drain_conn(&mut f, new)
+                .0
+                .iter()
+                .map(|m| m.1)
+                .collect::<Vec<_>>(),
+            [2]
+        );
+        // The old process can still send while it leaves; its results
+        // come back to it, not to the new process.
+        let req = SendRequest {
+            id: 5,
+            target: Some(Target::Agent),
+            action: "bye".into(),
+            data: Bytes::from_static(b"b"),
+            want_result: true,
+        };
+        f.router.send(old, req, &mut f.actions);
+        let (_, kinds) = drain_conn(&mut f, old);
+        assert_eq!(kinds, ["shutdown", "send result"]);
+        let bye = f.messages(AGENT);
+        assert_eq!(bye[0].from.pid, pid(1));
+        // Its stream ends: it is forgotten, and its stream is told to end.
+        f.router.detach(old, &mut f.actions);
+        let mut buf = VecDeque::new();
+        assert!(!f.router.drain(old, &mut buf, 10, &mut f.actions));
+    }
+
+    #[test]
+    fn a_standby_that_fails_leaves_the_old_process_serving() {
+        let mut f = reload_fixture();
+        let old = f.conn(1);
+        let new = standby(&mut f, 201, "n1", false);
+        f.router.exited(1, 201, &mut f.actions);
+        assert_eq!(f.router.view().len(), 3);
+        assert_eq!(f.router.standby_refused(1), None);
+        assert_eq!(f.router.next_incarnation(1), 3, "incarnations stay unique");
+        let mut buf = VecDeque::new();
+        assert!(!f.router.drain(new, &mut buf, 10, &mut f.actions));
+        tick(&mut f, "m", 1);
+        assert_eq!(drain_conn(&mut f, old).0.len(), 1);
+        // A standby that hangs up is reported so it can be ended.
+        let again = standby(&mut f, 202, "n2", false);
+        f.actions.clear();
+        f.router.detach(again, &mut f.actions);
+        assert!(f.actions.contains(&Action::Detached { slot: 1, pid: 202 }));
+        assert_eq!(f.router.standby_refused(1), None);
+        // Its secret is spent.
+        let reg = Registration {
+            secret: "n2".into(),
+            role: Some(Role::App),
+            acks: false,
+        };
+        assert!(f.router.register(&reg, &mut f.actions).is_err());
+    }
+
+    #[test]
+    fn a_standby_takes_over_a_slot_whose_old_process_crashed_meanwhile() {
+        let mut f = reload_fixture();
+        let old = f.conn(1);
+        tick(&mut f, "m", 1);
+        drain_conn(&mut f, old);
+        let new = standby(&mut f, 201, "n1", false);
+        f.router.exited(1, pid(1), &mut f.actions);
+        tick(&mut f, "m", 2);
+        f.actions.clear();
+        f.router.ready(new, &mut f.actions);
+        assert!(f.actions.iter().any(|a| matches!(
+            a,
+            Action::Promoted {
+                slot: 1,
+                new_pid: 201,
+                ..
+            }
+        )));
+        let (got, _) = drain_conn(&mut f, new);
+        assert_eq!(got.iter().map(|m| m.1).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(f.router.view().len(), 3);
+        f.send(AGENT, Some(Target::Pid(pid(1))), "late", b"x");
+        assert_eq!(f.result(AGENT).undelivered[0].code, Code::NotFound);
+    }
+
+    #[test]
+    fn shutdown_reaches_a_reloads_extra_processes() {
+        let mut f = reload_fixture();
+        let new = standby(&mut f, 201, "n1", false);
+        let pids = f.router.shutdown(Role::App, 100, &mut f.actions);
+        assert!(
+            pids.contains(&(1, 201)) && pids.contains(&(1, pid(1))),
+            "{pids:?}"
+        );
+        assert!(drain_conn(&mut f, new).1.contains(&"shutdown"));
     }
 }
