@@ -1103,6 +1103,13 @@ async fn reload_replaces_every_worker_while_numbered_messages_lose_nothing() {
     for i in 0..WORKERS as usize {
         let (spawned, ready) = (index("spawned", new_pids[i]), index("ready", new_pids[i]));
         let (promoted, exited) = (index("promoted", new_pids[i]), index("exited", before[i]));
+        let messages = watch.messages();
+        assert_eq!(
+            num(&messages[exited], "incarnation"),
+            1,
+            "the old process's exit names its own incarnation: {:#?}",
+            messages[exited]
+        );
         assert!(
             spawned < ready && ready <= promoted && promoted < exited,
             "worker {}: the old process must stop only after the new one is ready: {:#?}",

@@ -334,8 +334,9 @@ struct Cluster<'a> {
     health: Health,
     /// systemd's notify socket, if any.
     notifier: Notifier,
-    /// When each running process was spawned, by pid.
-    spawned_at: HashMap<u32, Instant>,
+    /// When each running process was spawned, and its incarnation, by pid
+    /// (a slot may run two during a reload).
+    spawned_at: HashMap<u32, (Instant, u32)>,
     /// Slots an operator asked to restart, with the pid being replaced: their
     /// exit is not a crash, so it restarts at once and counts no backoff.
     intentional: HashMap<SlotId, u32>,
@@ -472,7 +473,7 @@ impl Cluster<'_> {
             return Ok(None);
         };
         tracing::info!(pid, incarnation, command = %spec.command.display(), "launched {what}");
-        self.spawned_at.insert(pid, Instant::now());
+        self.spawned_at.insert(pid, (Instant::now(), incarnation));
         self.after(
             start_timeout,
             Timer::StartDeadline {
@@ -783,7 +784,7 @@ impl Cluster<'_> {
                         uptime_ms: v
                             .pid
                             .and_then(|pid| self.spawned_at.get(&pid))
-                            .map_or(0, |t| now.duration_since(*t).as_millis() as u64),
+                            .map_or(0, |(t, _)| now.duration_since(*t).as_millis() as u64),
                         pending: v.pending as u64,
                         delivered: v.delivered,
                         dropped: v.dropped,
@@ -1095,12 +1096,15 @@ impl Cluster<'_> {
         let role = role_of(exit.slot);
         supervisor::child_span(role, exit.slot as u32, exit.pid)
             .in_scope(|| tracing::info!("exited with {}", exit.ending));
-        self.spawned_at.remove(&exit.pid);
+        let spawned = self.spawned_at.remove(&exit.pid);
         let (code, signal) = match exit.ending {
             Ending::Code(c) => (c, 0),
             Ending::Signal(s) => (-1, s),
         };
-        let incarnation = self.shared.with_router(|r, _| r.incarnation(exit.slot));
+        let incarnation = match spawned {
+            Some((_, incarnation)) => incarnation,
+            None => self.shared.with_router(|r, _| r.incarnation(exit.slot)),
+        };
         self.events.emit(
             "exited",
             Some(role),
