@@ -1105,7 +1105,7 @@ async fn reload_replaces_every_worker_while_numbered_messages_lose_nothing() {
         let (promoted, exited) = (index("promoted", new_pids[i]), index("exited", before[i]));
         let messages = watch.messages();
         assert_eq!(
-            num(&messages[exited], "incarnation"),
+            num(messages[exited], "incarnation"),
             1,
             "the old process's exit names its own incarnation: {:#?}",
             messages[exited]

@@ -31,10 +31,19 @@ const DRAIN_BATCH: usize = 256;
 /// length is bounded by the number of slots times a small constant.
 pub type LifecycleTx = mpsc::UnboundedSender<Action>;
 
+/// What the lock guards.
+struct Core {
+    /// The routing state machine.
+    router: Router,
+    /// Reused for every event, so routing a message allocates no vector
+    /// for its wake-ups.
+    actions: Vec<Action>,
+}
+
 /// State shared by every stream and the cluster loop.
 pub struct Shared {
-    /// The routing state machine.
-    router: Mutex<Router>,
+    /// The routing state machine, and the vector its actions go to.
+    core: Mutex<Core>,
     /// Per slot: its outbound streams have frames to write or must end.
     wake: Box<[Notify]>,
     /// Per slot: its mailbox drained below the low watermark.
@@ -51,7 +60,10 @@ impl Shared {
     pub fn new(router: Router, lifecycle: LifecycleTx, flow_wait: Duration) -> Arc<Shared> {
         let slots = router.workers() + 1;
         Arc::new(Shared {
-            router: Mutex::new(router),
+            core: Mutex::new(Core {
+                router,
+                actions: Vec::new(),
+            }),
             wake: (0..slots).map(|_| Notify::new()).collect(),
             room: (0..slots).map(|_| Notify::new()).collect(),
             lifecycle,
@@ -59,23 +71,27 @@ impl Shared {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Router> {
+    fn lock(&self) -> MutexGuard<'_, Core> {
         // Router methods do not panic on any input (they are tested so); a
         // poisoned lock would mean a bug, and the state is still the best
         // account of the cluster there is.
-        self.router.lock().unwrap_or_else(|p| p.into_inner())
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs one router event and carries out its actions.
+    /// Runs one router event and carries out its actions. The actions are
+    /// carried out under the lock: they only notify and enqueue, and the
+    /// tasks they wake run after it is released.
     pub fn with_router<R>(&self, event: impl FnOnce(&mut Router, &mut Vec<Action>) -> R) -> R {
-        let mut actions = Vec::new();
-        let result = event(&mut self.lock(), &mut actions);
+        let mut core = self.lock();
+        let Core { router, actions } = &mut *core;
+        actions.clear();
+        let result = event(router, actions);
         self.apply(actions);
         result
     }
 
-    fn apply(&self, actions: Vec<Action>) {
-        for action in actions {
+    fn apply(&self, actions: &mut Vec<Action>) {
+        for action in actions.drain(..) {
             match action {
                 // Every stream of the slot: during a reload's handover a
                 // slot has two processes, and each checks its own frames.
@@ -96,18 +112,18 @@ impl Shared {
         // to its pace (backpressure); one that drains nothing for a whole
         // `flow_wait` is stuck, and senders stop waiting for it.
         let mut deadline = tokio::time::Instant::now() + self.flow_wait;
-        let mut drained = self.lock().drained(slot);
+        let mut drained = self.lock().router.drained(slot);
         loop {
             let room = self.room[slot].notified();
             tokio::pin!(room);
             // Register interest before checking, so a drain between the check
             // and the await is not missed.
             room.as_mut().enable();
-            if self.lock().has_room(slot) {
+            if self.lock().router.has_room(slot) {
                 return;
             }
             if tokio::time::timeout_at(deadline, room).await.is_err() {
-                let now = self.lock().drained(slot);
+                let now = self.lock().router.drained(slot);
                 if now != drained {
                     drained = now;
                     deadline = tokio::time::Instant::now() + self.flow_wait;

@@ -39,6 +39,16 @@ pub enum Full {
     Control(usize),
 }
 
+/// A frame a mailbox refused, given back with the reason so the caller can
+/// name it without having paid for a copy up front.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// Which bound refused it.
+    pub full: Full,
+    /// The frame.
+    pub frame: Outbound,
+}
+
 /// The bounds of one mailbox.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bounds {
@@ -141,24 +151,25 @@ impl Mailbox {
         reply: Option<ReplyTo>,
         pinned: Option<u32>,
         bounds: Bounds,
-    ) -> Result<(), Full> {
+    ) -> Result<(), Refused> {
+        let refuse = |full, frame| Err(Refused { full, frame });
         match size(&frame) {
             Some(bytes) => {
                 if self.messages >= bounds.messages {
-                    return Err(Full::Messages(bounds.messages));
+                    return refuse(Full::Messages(bounds.messages), frame);
                 }
                 // A single message larger than the whole byte bound still
                 // fits an empty mailbox: the payload limit, not this bound,
                 // decides what size is acceptable.
                 if self.messages > 0 && self.bytes + bytes > bounds.bytes {
-                    return Err(Full::Bytes(bounds.bytes));
+                    return refuse(Full::Bytes(bounds.bytes), frame);
                 }
                 self.messages += 1;
                 self.bytes += bytes;
             }
             None => {
                 if self.queue.len() + self.unacked.len() - self.messages >= CONTROL_CAPACITY {
-                    return Err(Full::Control(CONTROL_CAPACITY));
+                    return refuse(Full::Control(CONTROL_CAPACITY), frame);
                 }
             }
         }
@@ -378,7 +389,7 @@ mod tests {
         assert_eq!(m.push(msg(0, 1), None, None, bounds), Ok(()));
         assert_eq!(m.push(msg(1, 1), None, None, bounds), Ok(()));
         assert_eq!(
-            m.push(msg(2, 1), None, None, bounds),
+            m.push(msg(2, 1), None, None, bounds).map_err(|r| r.full),
             Err(Full::Messages(2))
         );
         let mut out = VecDeque::new();
@@ -396,11 +407,17 @@ mod tests {
         };
         let mut m = Mailbox::default();
         assert_eq!(m.push(msg(0, 50), None, None, bounds), Ok(()));
-        assert_eq!(m.push(msg(1, 1), None, None, bounds), Err(Full::Bytes(10)));
+        assert_eq!(
+            m.push(msg(1, 1), None, None, bounds).map_err(|r| r.full),
+            Err(Full::Bytes(10))
+        );
         let mut out = VecDeque::new();
         m.drain_into(&mut out, 1, false);
         assert_eq!(m.push(msg(1, 5), None, None, bounds), Ok(()));
-        assert_eq!(m.push(msg(2, 5), None, None, bounds), Err(Full::Bytes(10)));
+        assert_eq!(
+            m.push(msg(2, 5), None, None, bounds).map_err(|r| r.full),
+            Err(Full::Bytes(10))
+        );
     }
 
     #[test]
@@ -415,7 +432,8 @@ mod tests {
             assert_eq!(m.push(Outbound::EggReady, None, None, bounds), Ok(()));
         }
         assert_eq!(
-            m.push(Outbound::EggReady, None, None, bounds),
+            m.push(Outbound::EggReady, None, None, bounds)
+                .map_err(|r| r.full),
             Err(Full::Control(CONTROL_CAPACITY))
         );
         assert!(m.end_incarnation().is_empty());

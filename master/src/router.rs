@@ -32,7 +32,9 @@ use clutch::{
     Code, Delivery, Identity, Origin, Outbound, Registration, Role, SendResult, Target, Undelivered,
 };
 
-use crate::mailbox::{Bounds, Full, Mailbox, Place, ReplyTo, Undeliverable, CONTROL_CAPACITY};
+use crate::mailbox::{
+    Bounds, Full, Mailbox, Place, Refused, ReplyTo, Undeliverable, CONTROL_CAPACITY,
+};
 
 /// A slot's index: 0 is the agent, `n` is app worker `n`.
 pub type SlotId = usize;
@@ -1005,7 +1007,7 @@ impl Router {
         data: &Bytes,
         target: Option<Target>,
         from: Role,
-    ) -> Result<Vec<(SlotId, Lane)>, Undelivered> {
+    ) -> Result<Targets, Undelivered> {
         let invalid = |code, message: String| Undelivered {
             code,
             message,
@@ -1043,21 +1045,27 @@ impl Router {
             ));
         };
         let apps = 1..self.slots.len();
-        let current = |slot| (slot, Lane::Current);
+        let current = |slot| Targets::One(slot, Lane::Current);
         Ok(match target {
-            Target::Broadcast => (0..self.slots.len()).map(current).collect(),
-            Target::Apps => apps.map(current).collect(),
-            Target::Agent => vec![current(AGENT)],
-            Target::Random if from == Role::App => vec![current(AGENT)],
+            Target::Broadcast => Targets::Slots(0..self.slots.len()),
+            Target::Apps => Targets::Slots(apps),
+            Target::Agent => current(AGENT),
+            Target::Random if from == Role::App => current(AGENT),
             Target::Random => {
-                let ready: Vec<SlotId> = apps.filter(|&s| self.slots[s].phase.is_ready()).collect();
-                if ready.is_empty() {
+                let is_ready = |s: &SlotId| self.slots[*s].phase.is_ready();
+                let count = apps.clone().filter(is_ready).count();
+                if count == 0 {
                     return Err(invalid(
                         Code::Unavailable,
                         "sendRandom found no ready app worker to pick".into(),
                     ));
                 }
-                vec![current(ready[self.next_random() as usize % ready.len()])]
+                let pick = self.next_random() as usize % count;
+                let is_ready = |s: &SlotId| self.slots[*s].phase.is_ready();
+                match apps.filter(is_ready).nth(pick) {
+                    Some(slot) => current(slot),
+                    None => Targets::Slots(0..0),
+                }
             }
             Target::Pid(pid) => match self
                 .pids
@@ -1066,7 +1074,7 @@ impl Router {
                 .or_else(|| self.retired_slot(pid))
                 .map(|slot| (slot, self.overlap_lane(slot, pid)))
             {
-                Some((slot, Some(lane))) => vec![(slot, lane)],
+                Some((slot, Some(lane))) => Targets::One(slot, lane),
                 // A detached process can never read again (its secret is
                 // spent): it is as gone as an exited one.
                 Some((slot, None))
@@ -1076,7 +1084,7 @@ impl Router {
                             Phase::Exited { .. } | Phase::Failed { .. } | Phase::Detached { .. }
                         ) =>
                 {
-                    vec![current(slot)]
+                    current(slot)
                 }
                 Some((slot, None)) => {
                     let gone = match self.slots[slot].phase {
@@ -1527,11 +1535,6 @@ impl Router {
     ) -> Result<(), Full> {
         let bounds = self.limits.mailbox;
         let s = &mut self.slots[slot];
-        let what: Option<Arc<str>> = match &frame {
-            Outbound::Message { delivery, .. } => Some(delivery.action.clone()),
-            _ => None,
-        };
-        let kind = frame_kind(&frame);
         let Some((mailbox, attached)) = s.lane(lane) else {
             return Ok(());
         };
@@ -1543,13 +1546,13 @@ impl Router {
                 }
                 Ok(())
             }
-            Err(full) => {
+            Err(Refused { full, frame }) => {
                 s.dropped += 1;
-                out.push(Action::Dropped {
-                    slot,
-                    full,
-                    what: what.unwrap_or_else(|| Arc::from(kind)),
-                });
+                let what = match frame {
+                    Outbound::Message { delivery, .. } => delivery.action,
+                    other => Arc::from(frame_kind(&other)),
+                };
+                out.push(Action::Dropped { slot, full, what });
                 Err(full)
             }
         }
@@ -1574,6 +1577,30 @@ fn frame_kind(frame: &Outbound) -> &'static str {
         Outbound::AgentStart { .. } => "agent-start",
         Outbound::SendResult(_) => "send result",
         Outbound::Shutdown { .. } => "shutdown",
+    }
+}
+
+/// The processes a send goes to, without allocating: the route's slots'
+/// current processes, or one process.
+enum Targets {
+    /// These slots' current processes.
+    Slots(std::ops::Range<SlotId>),
+    /// One process.
+    One(SlotId, Lane),
+}
+
+impl Iterator for Targets {
+    type Item = (SlotId, Lane);
+
+    fn next(&mut self) -> Option<(SlotId, Lane)> {
+        match self {
+            Targets::Slots(slots) => slots.next().map(|s| (s, Lane::Current)),
+            Targets::One(slot, lane) => {
+                let one = (*slot, *lane);
+                *self = Targets::Slots(0..0);
+                Some(one)
+            }
+        }
     }
 }
 
