@@ -769,8 +769,9 @@ impl Acker {
     }
 
     /// Sends an ack if one is due (`caught_up`: nothing else is waiting).
-    /// A full send queue defers it; a later ack covers it.
-    fn flush(&mut self, inner: &Inner, caught_up: bool) {
+    /// A full send queue defers it; a later ack covers it. Returns true when
+    /// an ack was queued.
+    fn flush(&mut self, inner: &Inner, caught_up: bool) -> bool {
         let behind = self.handled - self.acked;
         if behind > 0
             && (caught_up || behind >= ACK_EVERY)
@@ -780,7 +781,9 @@ impl Acker {
                 .is_ok()
         {
             self.acked = self.handled;
+            return true;
         }
+        false
     }
 }
 
@@ -864,7 +867,14 @@ async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<pb::ServerFrame>) {
         // nothing. A frame that is already here is handled before acking.
         let frame = match stream.message().now_or_never() {
             Some(frame) => {
-                acker.flush(&inner, false);
+                if acker.flush(&inner, false) {
+                    // While frames keep arriving this loop never waits, and
+                    // on a busy (or single-threaded) runtime the connection
+                    // task would not get to write the ack until the backlog
+                    // is gone: the master would see a slow reader make no
+                    // progress and give up on it. Let it run.
+                    tokio::task::yield_now().await;
+                }
                 frame
             }
             None => {

@@ -2022,3 +2022,82 @@ async fn a_child_whose_stream_ends_but_keeps_running_is_replaced() {
     })
     .await;
 }
+
+/// A reload in the middle of a flood of `sendToApp`: each slot gets every
+/// message exactly once, the old process a prefix and the new one the rest,
+/// each in order — the switch loses nothing, repeats nothing and reorders
+/// nothing. App 1 is slow (its handler takes `SLOW_US` per message), so flow
+/// control paces the flood to it and the reload provably happens mid-flood.
+#[tokio::test]
+async fn a_reload_during_a_flood_hands_each_slot_over_without_loss_repeat_or_reorder() {
+    const N: u64 = 40_000;
+    const SLOW_US: u64 = 20;
+    let mut c = Cluster::start_ready(
+        Options::new(2)
+            .actions(&[CHECK, "flood"])
+            .env("PROBE_TALLY_ACTIONS", "flood")
+            .env("PROBE_SLOW_WORKER", "1")
+            .env("PROBE_SLOW_US", &SLOW_US.to_string())
+            .toml(&format!("[admin]\ntoken = \"{ADMIN_TOKEN}\"")),
+    )
+    .await;
+    let addr = c.addr().await;
+    let agent = c.pid_of(AGENT).await;
+    let old = [c.pid_of(1).await, c.pid_of(2).await];
+    let channel = raw::connect(&addr).await;
+
+    let flood = SendCmd::new(Route::Apps, "flood")
+        .data(json!("f"))
+        .count(N)
+        .seq()
+        .emit();
+    let (_, reloaded) = tokio::join!(
+        c.send_ok(AGENT, flood),
+        raw::admin_reload(&channel, ADMIN_TOKEN)
+    );
+    let replaced = match reloaded {
+        Ok(replaced) => replaced,
+        Err(status) => c.fail(&format!("Admin.Reload failed: {status:?}")),
+    };
+    c.barrier(AGENT).await;
+
+    let mut summary = Vec::new();
+    for (i, w) in [1u32, 2].into_iter().enumerate() {
+        let Some(&(_, was, new)) = replaced.iter().find(|r| r.0 == w) else {
+            c.fail(&format!("worker {w} was not replaced: {replaced:?}"));
+        };
+        assert_eq!(was, old[i], "{replaced:?}");
+        // The old process is gone by now: its tally came with its notice.
+        let notice = c
+            .wait_for("the old process's shutdown notice", |e| {
+                e.pid == was && e.kind() == "shutdown-notice"
+            })
+            .await;
+        let by_old = series(&notice.body["tally"], "flood", agent);
+        let by_new = series(&c.tally_pid(new).await, "flood", agent);
+        let (k, rest) = (
+            by_old["count"].as_u64().unwrap_or(0),
+            by_new["count"].as_u64().unwrap_or(0),
+        );
+        let clean = |s: &Value| s["decreases"] == 0 && s["jumps"] == 0;
+        let ok = k > 0
+            && rest > 0
+            && k + rest == N
+            && by_old["first"] == 0
+            && by_old["last"] == k - 1
+            && by_new["first"] == k
+            && by_new["last"] == N - 1
+            && clean(&by_old)
+            && clean(&by_new);
+        if !ok {
+            c.fail(&format!(
+                "worker {w}: the old process (pid {was}) should have 0..k and the new one (pid {new}) k..{N}, each once and in order, with the switch mid-flood: old {by_old}, new {by_new}"
+            ));
+        }
+        summary.push(format!("worker {w}: {k} then {rest}"));
+    }
+    eprintln!("reload during a flood of {N}: {}", summary.join("; "));
+    if std::env::var_os("CLUTCH_DEBUG_RELOAD").is_some() {
+        eprintln!("{}", c.master_stderr());
+    }
+}

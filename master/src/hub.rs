@@ -108,11 +108,12 @@ impl Shared {
 
     /// Waits until `slot` has room, or gives up on it after `flow_wait`.
     async fn wait_for_room(&self, slot: SlotId) {
-        // A receiver that keeps draining, however slowly, slows its senders
-        // to its pace (backpressure); one that drains nothing for a whole
-        // `flow_wait` is stuck, and senders stop waiting for it.
+        // A receiver that keeps making progress (reading or acknowledging),
+        // however slowly, slows its senders to its pace (backpressure); one
+        // that makes none for a whole `flow_wait` is stuck, and senders stop
+        // waiting for it.
         let mut deadline = tokio::time::Instant::now() + self.flow_wait;
-        let mut drained = self.lock().router.drained(slot);
+        let mut progress = self.lock().router.progress(slot);
         loop {
             let room = self.room[slot].notified();
             tokio::pin!(room);
@@ -123,9 +124,9 @@ impl Shared {
                 return;
             }
             if tokio::time::timeout_at(deadline, room).await.is_err() {
-                let now = self.lock().router.drained(slot);
-                if now != drained {
-                    drained = now;
+                let now = self.lock().router.progress(slot);
+                if now != progress {
+                    progress = now;
                     deadline = tokio::time::Instant::now() + self.flow_wait;
                     continue;
                 }

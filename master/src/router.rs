@@ -243,10 +243,12 @@ struct Slot {
     delivered: u64,
     /// Frames refused by this slot's mailbox.
     dropped: u64,
-    /// Frames written to the slot's streams so far (and messages the
-    /// outgoing process acknowledged): flow control tells a slow receiver
-    /// (this moves) from a stuck one (it does not).
-    drained: u64,
+    /// The slot's progress: frames written to its streams plus messages its
+    /// processes acknowledged. Flow control tells a slow receiver (this
+    /// moves) from a stuck one (it does not); acknowledgements count because
+    /// a slow reader's backlog can sit in transport buffers, where writing
+    /// stops while the reader still works through it.
+    progress: u64,
     /// A reload's new process, until it is ready.
     standby: Option<Overlap>,
     /// The process a reload replaced, until its stream ends.
@@ -355,7 +357,7 @@ impl Router {
             congested: false,
             delivered: 0,
             dropped: 0,
-            drained: 0,
+            progress: 0,
             standby: None,
             outgoing: None,
         };
@@ -1359,7 +1361,7 @@ impl Router {
         }
         let before = buf.len();
         s.mailbox.drain_into(buf, max, acks);
-        s.drained += (buf.len() - before) as u64;
+        s.progress += (buf.len() - before) as u64;
         self.relieve(conn.slot, low, out);
         true
     }
@@ -1375,7 +1377,7 @@ impl Router {
                 // The outgoing process's progress is the slot's progress:
                 // senders waiting on the slot keep waiting, and once it is
                 // done the new process is written to.
-                s.drained += released as u64;
+                s.progress += released as u64;
                 if !s.handing_over() {
                     out.push(Action::Wake(conn.slot));
                 }
@@ -1384,7 +1386,7 @@ impl Router {
         }
         let Some(s) = self.current(conn) else { return };
         if matches!(s.phase, Phase::Attached { acks: true, .. }) {
-            s.mailbox.ack(seq);
+            s.progress += s.mailbox.ack(seq) as u64;
             self.relieve(conn.slot, low, out);
         }
     }
@@ -1399,9 +1401,9 @@ impl Router {
         }
     }
 
-    /// Frames written to `slot`'s streams so far.
-    pub fn drained(&self, slot: SlotId) -> u64 {
-        self.slots[slot].drained
+    /// The slot's progress so far (frames written, messages acknowledged).
+    pub fn progress(&self, slot: SlotId) -> u64 {
+        self.slots[slot].progress
     }
 
     /// Whether a sender waiting on `slot` for flow control may go on.

@@ -12,7 +12,8 @@
 //!   of every send it was told to make (`sent`), fire-and-forget failures
 //!   the master reported (`undelivered`), the end of a tick series
 //!   (`ticked`), the master's shutdown notice (`shutdown-notice`, from an
-//!   `on_shutdown` hook), `hanging` / `failing` when told to misbehave, and
+//!   `on_shutdown` hook; with `PROBE_TALLY_ACTIONS` it carries the `tally`
+//!   as of the notice), `hanging` / `failing` when told to misbehave, and
 //!   `error` for a command it could not run;
 //! - test → probe: commands, one JSON object per line:
 //!   - `{"cmd":"ready"}`: call `ready()` (with `PROBE_MANUAL_READY`);
@@ -582,13 +583,24 @@ async fn run() -> anyhow::Result<()> {
         let reporter = reporter.clone();
         let notice = client.clone();
         let delay = shutdown_delay(identity.worker_id)?;
+        let tally = tally.clone();
         client.on_shutdown(move || async move {
             let grace = notice.shutdown_notice().await;
-            reporter.report(json!({
+            let mut event = json!({
                 "event": "shutdown-notice",
                 "grace_ms": grace.map(|g| u64::try_from(g.as_millis()).unwrap_or(u64::MAX)),
                 "delay_ms": u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-            }));
+            });
+            // Every message written before the notice has been handled by
+            // now (the SDK dispatches in order): the tally is final for them.
+            let counts = {
+                let tally = lock(&tally);
+                (!tally.actions.is_empty()).then(|| tally.to_json())
+            };
+            if let Some(counts) = counts {
+                event["tally"] = counts;
+            }
+            reporter.report(event);
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }

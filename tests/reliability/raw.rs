@@ -624,3 +624,35 @@ pub async fn admin_list(channel: &Channel, token: &str) -> Result<Vec<Process>, 
         })
         .collect()
 }
+
+/// One slot replaced by `Admin.Reload`: (worker id, old pid, new pid).
+pub type Replaced = (u32, u32, u32);
+
+/// `Admin.Reload` with this admin token; returns when the reload is done.
+pub async fn admin_reload(channel: &Channel, token: &str) -> Result<Vec<Replaced>, Status> {
+    let mut request = Request::new(Vec::new());
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("an ASCII token"),
+    );
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(format!("channel not ready: {e}")))?;
+    let reply = grpc
+        .unary(
+            request,
+            PathAndQuery::from_static("/clutch.v1.Admin/Reload"),
+            RawCodec,
+        )
+        .await?
+        .into_inner();
+    let top = Fields::parse(&reply).map_err(Status::internal)?;
+    top.all_bytes(1)
+        .iter()
+        .map(|r| {
+            let f = Fields::parse(r).map_err(Status::internal)?;
+            Ok((f.u32(1), f.u32(2), f.u32(3)))
+        })
+        .collect()
+}
