@@ -585,8 +585,9 @@ pub struct Process {
     pub dropped: u64,
 }
 
-/// `Admin.List` with this admin token.
-pub async fn admin_list(channel: &Channel, token: &str) -> Result<Vec<Process>, Status> {
+/// A unary admin call with an empty request and this admin token; the
+/// reply's bytes.
+async fn admin_call(channel: &Channel, token: &str, path: &'static str) -> Result<Vec<u8>, Status> {
     let mut request = Request::new(Vec::new());
     request.metadata_mut().insert(
         "authorization",
@@ -596,14 +597,15 @@ pub async fn admin_list(channel: &Channel, token: &str) -> Result<Vec<Process>, 
     grpc.ready()
         .await
         .map_err(|e| Status::unavailable(format!("channel not ready: {e}")))?;
-    let reply = grpc
-        .unary(
-            request,
-            PathAndQuery::from_static("/clutch.v1.Admin/List"),
-            RawCodec,
-        )
+    Ok(grpc
+        .unary(request, PathAndQuery::from_static(path), RawCodec)
         .await?
-        .into_inner();
+        .into_inner())
+}
+
+/// `Admin.List` with this admin token.
+pub async fn admin_list(channel: &Channel, token: &str) -> Result<Vec<Process>, Status> {
+    let reply = admin_call(channel, token, "/clutch.v1.Admin/List").await?;
     let top = Fields::parse(&reply).map_err(Status::internal)?;
     top.all_bytes(1)
         .iter()
@@ -630,23 +632,7 @@ pub type Replaced = (u32, u32, u32);
 
 /// `Admin.Reload` with this admin token; returns when the reload is done.
 pub async fn admin_reload(channel: &Channel, token: &str) -> Result<Vec<Replaced>, Status> {
-    let mut request = Request::new(Vec::new());
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("an ASCII token"),
-    );
-    let mut grpc = tonic::client::Grpc::new(channel.clone());
-    grpc.ready()
-        .await
-        .map_err(|e| Status::unavailable(format!("channel not ready: {e}")))?;
-    let reply = grpc
-        .unary(
-            request,
-            PathAndQuery::from_static("/clutch.v1.Admin/Reload"),
-            RawCodec,
-        )
-        .await?
-        .into_inner();
+    let reply = admin_call(channel, token, "/clutch.v1.Admin/Reload").await?;
     let top = Fields::parse(&reply).map_err(Status::internal)?;
     top.all_bytes(1)
         .iter()
