@@ -14,18 +14,18 @@
 //! tests run in parallel. Every wait has a deadline and fails with what was
 //! seen and the master's log; nothing sleeps to wait for an event.
 
-#[path = "../common/procs.rs"]
-mod procs;
+#[path = "../common/master.rs"]
+mod master_process;
+
+use master_process::MasterProcess;
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
@@ -37,8 +37,6 @@ use crate::langs::{Lang, Launch};
 /// How long any single wait may take. Generous: the suite runs clusters of
 /// four runtimes in parallel on a small machine.
 pub const DEADLINE: Duration = Duration::from_secs(30);
-/// How long Drop gives the master to stop after SIGTERM before SIGKILL.
-const STOP_GRACE: Duration = Duration::from_secs(8);
 
 /// The master binary under test.
 pub const MASTER: &str = env!("CARGO_BIN_EXE_master");
@@ -111,22 +109,12 @@ impl std::fmt::Display for Event {
     }
 }
 
-/// The master's output, drained by two threads.
-struct Output {
-    text: Mutex<String>,
-    /// Bumped on every line, so waits on the log need no polling.
-    lines: watch::Sender<u64>,
-}
-
 /// A running cluster and the test's view of it.
 pub struct Cluster {
     dir: tempfile::TempDir,
-    tag: String,
     langs: Vec<Lang>,
-    master_pid: u32,
-    exit: watch::Receiver<Option<ExitStatus>>,
-    exit_cell: Arc<(Mutex<Option<ExitStatus>>, Condvar)>,
-    output: Arc<Output>,
+    /// The master process (its output, its exit, its cluster's children).
+    master: MasterProcess,
     events: mpsc::UnboundedReceiver<Event>,
     history: Vec<Event>,
     /// (pid, number) of every worker report recorded.
@@ -215,33 +203,7 @@ impl Cluster {
         )
         .expect("write cluster.toml");
 
-        let mut child = Command::new(MASTER)
-            .env("NO_COLOR", "1")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the master");
-        let master_pid = child.id();
-        let output = Arc::new(Output {
-            text: Mutex::new(String::new()),
-            lines: watch::Sender::new(0),
-        });
-        drain(child.stdout.take().expect("piped"), output.clone());
-        drain(child.stderr.take().expect("piped"), output.clone());
-        let (exit_tx, exit) = watch::channel(None);
-        let exit_cell = Arc::new((Mutex::new(None), Condvar::new()));
-        {
-            let cell = exit_cell.clone();
-            std::thread::spawn(move || {
-                let status = child.wait().expect("wait for the master");
-                *cell.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
-                cell.1.notify_all();
-                let _ = exit_tx.send(Some(status));
-            });
-        }
+        let master = MasterProcess::spawn(MASTER, &config, (TAG, &tag));
 
         let (events_tx, events) = mpsc::unbounded_channel();
         let agent = Arc::new(Mutex::new(None));
@@ -253,12 +215,8 @@ impl Cluster {
 
         Cluster {
             dir,
-            tag,
             langs: spec.workers.iter().map(|(l, _)| *l).collect(),
-            master_pid,
-            exit,
-            exit_cell,
-            output,
+            master,
             events,
             history: Vec::new(),
             reports_seen: HashSet::new(),
@@ -283,7 +241,7 @@ impl Cluster {
 
     /// The master's pid.
     pub fn master_pid(&self) -> u32 {
-        self.master_pid
+        self.master.pid()
     }
 
     /// A unique id for a command.
@@ -498,68 +456,39 @@ impl Cluster {
 
     /// Sends a signal to the master.
     pub fn signal_master(&self, signal: Signal) {
-        if self.exit.borrow().is_none() {
-            let _ = kill(pid(self.master_pid), signal);
-        }
+        self.master.signal(signal);
     }
 
-    /// Waits for the master to exit.
+    /// Waits for the master to exit (and its output to end).
     pub async fn master_exit(&mut self) -> ExitStatus {
-        let mut exit = self.exit.clone();
-        let status = match tokio::time::timeout(DEADLINE, exit.wait_for(Option::is_some)).await {
-            Ok(Ok(status)) => *status,
-            _ => None,
-        };
-        match status {
-            Some(status) => status,
-            None => self.fail(&format!("the master did not exit within {DEADLINE:?}")),
+        match self.master.wait_exit(DEADLINE).await {
+            Ok(status) => status,
+            Err(e) => self.fail(&e),
         }
     }
 
     /// Everything the master wrote so far (stdout and stderr, interleaved).
     pub fn master_log(&self) -> String {
-        self.output.text.lock().expect("output lock").clone()
+        self.master.log()
     }
 
     /// Waits until some line of the master's log satisfies `pred`.
     pub async fn wait_log(&mut self, what: &str, pred: impl Fn(&str) -> bool) {
-        let mut lines = self.output.lines.subscribe();
-        let until = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            if self.master_log().lines().any(&pred) {
-                return;
-            }
-            match tokio::time::timeout_at(until, lines.changed()).await {
-                Ok(Ok(())) => {}
-                _ => self.fail(&format!(
-                    "timed out after {DEADLINE:?} waiting for {what} in the master's log"
-                )),
-            }
+        let found = self
+            .master
+            .wait_stderr(DEADLINE, |text| text.lines().any(&pred))
+            .await;
+        if let Err(e) = found {
+            self.fail(&format!("waiting for {what} in the master's log: {e}"));
         }
-    }
-
-    /// Live processes launched for this cluster (found by the tag in their
-    /// environment, so children that never reported count too).
-    pub fn live_children(&self) -> Vec<u32> {
-        tagged_processes(&self.tag)
     }
 
     /// Waits until no process of this cluster is left.
     pub async fn wait_children_gone(&mut self) {
-        let until = Instant::now() + DEADLINE;
-        // These are not our children, so no exit notification reaches us:
-        // poll /proc with a deadline.
-        loop {
-            let live = self.live_children();
-            if live.is_empty() {
-                return;
-            }
-            if Instant::now() >= until {
-                self.fail(&format!(
-                    "cluster processes still running {DEADLINE:?} later: {live:?}"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Err(live) = self.master.wait_children_gone(DEADLINE).await {
+            self.fail(&format!(
+                "cluster processes still running {DEADLINE:?} later: {live:?}"
+            ));
         }
     }
 
@@ -604,8 +533,8 @@ impl Cluster {
         }
         out.push_str(&format!(
             "--- master (pid {}) exit: {:?} ---\n--- master log (last 150 lines) ---\n",
-            self.master_pid,
-            *self.exit.borrow()
+            self.master.pid(),
+            self.master.exit_status()
         ));
         let log = self.master_log();
         let lines: Vec<&str> = log.lines().collect();
@@ -637,33 +566,7 @@ impl Drop for Cluster {
         for t in &self.tasks {
             t.abort();
         }
-        // Drop cannot await: wait on the exit thread's condition variable.
-        let exited = |cell: &(Mutex<Option<ExitStatus>>, Condvar), timeout: Duration| {
-            let guard = cell.0.lock().unwrap_or_else(|p| p.into_inner());
-            let (guard, _) = cell
-                .1
-                .wait_timeout_while(guard, timeout, |s| s.is_none())
-                .unwrap_or_else(|p| p.into_inner());
-            guard.is_some()
-        };
-        if !exited(&self.exit_cell, Duration::ZERO) {
-            let _ = kill(pid(self.master_pid), Signal::SIGTERM);
-            if !exited(&self.exit_cell, STOP_GRACE) {
-                eprintln!(
-                    "warning: master {} ignored SIGTERM; sending SIGKILL",
-                    self.master_pid
-                );
-                let _ = kill(pid(self.master_pid), Signal::SIGKILL);
-                exited(&self.exit_cell, STOP_GRACE);
-            }
-        }
-        let leftovers = tagged_processes(&self.tag);
-        if !leftovers.is_empty() {
-            eprintln!("warning: cluster children outlived the master; killing {leftovers:?}");
-            for child in leftovers {
-                let _ = kill(pid(child), Signal::SIGKILL);
-            }
-        }
+        // Dropping `master` stops it and whatever its cluster left behind.
     }
 }
 
@@ -674,10 +577,6 @@ pub fn name(at: u32) -> String {
     } else {
         format!("app{at}")
     }
-}
-
-fn pid(pid: u32) -> Pid {
-    Pid::from_raw(i32::try_from(pid).expect("pid fits i32"))
 }
 
 /// Single-quotes a word for `sh`.
@@ -744,27 +643,6 @@ fn cluster_toml(
         script = q(script),
         app_env = table("app", app_env),
     )
-}
-
-/// Drains one of the master's pipes on a thread.
-fn drain(pipe: impl Read + Send + 'static, output: Arc<Output>) {
-    procs::pump_lines(
-        pipe,
-        move |text| {
-            output
-                .text
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push_str(text);
-            output.lines.send_modify(|n| *n += 1);
-        },
-        || {},
-    );
-}
-
-/// Live (non-zombie) processes whose environment carries `TAG=<tag>`.
-fn tagged_processes(tag: &str) -> Vec<u32> {
-    procs::with_env(TAG, tag)
 }
 
 /// Accepts the agent's side channel (again after an agent restart).

@@ -28,14 +28,15 @@
 // Each test crate uses a different subset of the harness.
 #![allow(dead_code)]
 
-#[path = "../common/procs.rs"]
-mod procs;
+#[path = "../common/master.rs"]
+mod master_process;
+
+use master_process::MasterProcess;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -43,7 +44,7 @@ use nix::unistd::Pid;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// How long any single wait may take. Generous because the whole suite runs
@@ -285,32 +286,12 @@ impl SendCmd {
     }
 }
 
-/// The master's exit status, set by the thread that waits for it.
-struct ExitCell {
-    status: Mutex<Option<ExitStatus>>,
-    changed: Condvar,
-    watch: watch::Sender<Option<ExitStatus>>,
-}
-
-/// The master's output, drained by two threads.
-struct Output {
-    stdout: Mutex<String>,
-    stderr: Mutex<String>,
-    /// How many of the two pipes reached end of file.
-    closed: watch::Sender<u32>,
-    /// How many lines were read from both pipes (to wait for a log line).
-    lines: watch::Sender<u64>,
-}
-
 /// A running master with its probes, and the test's view of them.
 pub struct Cluster {
     dir: tempfile::TempDir,
     workers: u32,
-    master_pid: u32,
-    /// Tags every child of this cluster (its environment), to find them in /proc.
-    tag: String,
-    exit: Arc<ExitCell>,
-    output: Arc<Output>,
+    /// The master process (its output, its exit, its cluster's children).
+    master: MasterProcess,
     events: mpsc::UnboundedReceiver<Event>,
     history: Vec<Event>,
     probes: Arc<Mutex<HashMap<u32, Probe>>>,
@@ -354,44 +335,7 @@ impl Cluster {
         std::fs::write(&config, cluster_toml(&opts, &dir.path().join("addr"), &env))
             .expect("write cluster.toml");
 
-        let mut child = Command::new(MASTER)
-            // Plain text in the log a failing test prints (tracing's
-            // formatter honours NO_COLOR).
-            .env("NO_COLOR", "1")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the master");
-        let master_pid = child.id();
-
-        let output = Arc::new(Output {
-            stdout: Mutex::new(String::new()),
-            stderr: Mutex::new(String::new()),
-            closed: watch::Sender::new(0),
-            lines: watch::Sender::new(0),
-        });
-        let stdout = child.stdout.take().expect("master stdout is piped");
-        let stderr = child.stderr.take().expect("master stderr is piped");
-        drain(stdout, output.clone(), false);
-        drain(stderr, output.clone(), true);
-
-        let exit = Arc::new(ExitCell {
-            status: Mutex::new(None),
-            changed: Condvar::new(),
-            watch: watch::Sender::new(None),
-        });
-        {
-            let exit = exit.clone();
-            std::thread::spawn(move || {
-                let status = child.wait().expect("wait for the master");
-                *exit.status.lock().expect("exit lock") = Some(status);
-                exit.changed.notify_all();
-                exit.watch.send_replace(Some(status));
-            });
-        }
+        let master = MasterProcess::spawn(MASTER, &config, ("PROBE_CLUSTER", &tag));
 
         let (events_tx, events) = mpsc::unbounded_channel();
         let probes = Arc::new(Mutex::new(HashMap::new()));
@@ -406,10 +350,7 @@ impl Cluster {
         Cluster {
             dir,
             workers: opts.workers,
-            master_pid,
-            tag,
-            exit,
-            output,
+            master,
             events,
             history: Vec::new(),
             probes,
@@ -439,7 +380,7 @@ impl Cluster {
 
     /// The master's pid.
     pub fn master_pid(&self) -> u32 {
-        self.master_pid
+        self.master.pid()
     }
 
     /// The cluster's temp dir.
@@ -479,66 +420,40 @@ impl Cluster {
 
     /// The master's exit status, if it has exited.
     pub fn exit_status(&self) -> Option<ExitStatus> {
-        *self.exit.watch.borrow()
+        self.master.exit_status()
     }
 
     /// Sends a signal to the master.
     pub fn signal_master(&self, signal: Signal) {
-        if self.exit_status().is_none() {
-            kill(pid(self.master_pid), signal).expect("signal the master");
-        }
+        self.master.signal(signal);
     }
 
     /// Waits for the master to exit and for its output pipes to close, so
     /// that [`Cluster::master_stderr`] is complete.
     pub async fn master_exit(&mut self) -> ExitStatus {
-        let mut rx = self.exit.watch.subscribe();
-        let status = match tokio::time::timeout(DEADLINE, rx.wait_for(Option::is_some)).await {
-            Ok(Ok(status)) => *status,
-            _ => None,
-        };
-        let Some(status) = status else {
-            self.fail(&format!("the master did not exit within {DEADLINE:?}"));
-        };
-        let mut closed = self.output.closed.subscribe();
-        if tokio::time::timeout(DEADLINE, closed.wait_for(|n| *n == 2))
-            .await
-            .is_err()
-        {
-            self.fail(
-                "the master exited but its stdout/stderr stayed open: \
-                 did a child inherit them?",
-            );
+        match self.master.wait_exit(DEADLINE).await {
+            Ok(status) => status,
+            Err(e) => self.fail(&e),
         }
-        status
     }
 
     /// Everything the master wrote to stderr so far.
     pub fn master_stderr(&self) -> String {
-        self.output.stderr.lock().expect("stderr lock").clone()
+        self.master.stderr()
     }
 
     /// Pids of live processes launched for this cluster (found by the tag in
     /// their environment, so children the test never heard from count too).
     pub fn live_children(&self) -> Vec<u32> {
-        tagged_processes(&self.tag)
+        self.master.live_children()
     }
 
     /// Waits until no process of this cluster is left.
     pub async fn wait_children_gone(&mut self) {
-        let until = Instant::now() + DEADLINE;
-        // Not our children, so no exit notification: poll with a deadline.
-        loop {
-            let live = self.live_children();
-            if live.is_empty() {
-                return;
-            }
-            if Instant::now() >= until {
-                self.fail(&format!(
-                    "cluster processes still running {DEADLINE:?} later: {live:?}"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Err(live) = self.master.wait_children_gone(DEADLINE).await {
+            self.fail(&format!(
+                "cluster processes still running {DEADLINE:?} later: {live:?}"
+            ));
         }
     }
 
@@ -775,13 +690,13 @@ impl Cluster {
         }
         out.push_str(&format!(
             "--- master (pid {}) exit: {:?} ---\n",
-            self.master_pid,
+            self.master.pid(),
             self.exit_status()
         ));
         out.push_str("--- master stderr (last 200 lines) ---\n");
         out.push_str(&tail(&self.master_stderr(), 200));
         out.push_str("--- master stdout (last 50 lines) ---\n");
-        out.push_str(&tail(&self.output.stdout.lock().expect("stdout lock"), 50));
+        out.push_str(&tail(&self.master.stdout(), 50));
         out
     }
 
@@ -984,34 +899,8 @@ impl Cluster {
     /// Waits until the master's stderr satisfies `pred` (e.g. a log line
     /// appeared).
     pub async fn wait_master_log(&mut self, what: &str, pred: impl Fn(&str) -> bool) {
-        let mut lines = self.output.lines.subscribe();
-        let mut closed = self.output.closed.subscribe();
-        let until = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            lines.borrow_and_update();
-            // Both pipes closed: every line is in the buffer, none will come.
-            let ended = *closed.borrow_and_update() == 2;
-            if pred(&self.master_stderr()) {
-                return;
-            }
-            if ended {
-                self.fail(&format!(
-                    "the master's output ended without {what} (exit: {:?})",
-                    self.exit_status()
-                ));
-            }
-            let more = async {
-                tokio::select! {
-                    _ = lines.changed() => {}
-                    _ = closed.changed() => {}
-                }
-            };
-            match tokio::time::timeout_at(until, more).await {
-                Ok(()) => {}
-                Err(_) => self.fail(&format!(
-                    "timed out after {DEADLINE:?} waiting for {what} in the master's log"
-                )),
-            }
+        if let Err(e) = self.master.wait_stderr(DEADLINE, pred).await {
+            self.fail(&format!("waiting for {what} in the master's log: {e}"));
         }
     }
 }
@@ -1077,7 +966,7 @@ impl Cluster {
     /// The master's resident memory now and at its peak, in KiB (`VmRSS`
     /// and `VmHWM` of /proc/PID/status).
     pub fn master_memory(&mut self) -> MemoryKib {
-        let path = format!("/proc/{}/status", self.master_pid);
+        let path = format!("/proc/{}/status", self.master.pid());
         let status = match std::fs::read_to_string(&path) {
             Ok(status) => status,
             Err(e) => self.fail(&format!("cannot read {path}: {e}")),
@@ -1113,34 +1002,7 @@ impl Drop for Cluster {
             eprintln!("{}", self.report());
         }
         self.accept.abort();
-        // Stop the master the way an operator would, then for sure.
-        let wait = |cell: &ExitCell, timeout: Duration| {
-            let guard = cell.status.lock().unwrap_or_else(|p| p.into_inner());
-            let (guard, _) = cell
-                .changed
-                .wait_timeout_while(guard, timeout, |s| s.is_none())
-                .unwrap_or_else(|p| p.into_inner());
-            guard.is_some()
-        };
-        if !wait(&self.exit, Duration::ZERO) {
-            let _ = kill(pid(self.master_pid), Signal::SIGTERM);
-            if !wait(&self.exit, STOP_GRACE) {
-                eprintln!(
-                    "warning: master {} ignored SIGTERM for {STOP_GRACE:?}; sending SIGKILL",
-                    self.master_pid
-                );
-                let _ = kill(pid(self.master_pid), Signal::SIGKILL);
-                wait(&self.exit, STOP_GRACE);
-            }
-        }
-        // Never leave processes behind, even if the master did.
-        let leftovers = tagged_processes(&self.tag);
-        if !leftovers.is_empty() {
-            eprintln!("warning: cluster children outlived the master; killing {leftovers:?}");
-            for child in leftovers {
-                let _ = kill(pid(child), Signal::SIGKILL);
-            }
-        }
+        // Dropping `master` stops it and whatever its cluster left behind.
     }
 }
 
@@ -1185,39 +1047,12 @@ fn cluster_toml(opts: &Options, addr_file: &std::path::Path, env: &[(String, Str
     )
 }
 
-/// Drains one of the master's pipes into the shared buffer on a thread.
-fn drain(pipe: impl Read + Send + 'static, output: Arc<Output>, is_stderr: bool) {
-    let at_eof = output.clone();
-    procs::pump_lines(
-        pipe,
-        move |text| {
-            let buffer = if is_stderr {
-                &output.stderr
-            } else {
-                &output.stdout
-            };
-            buffer
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push_str(text);
-            output.lines.send_modify(|n| *n += 1);
-        },
-        move || at_eof.closed.send_modify(|n| *n += 1),
-    );
-}
-
 /// The last `n` lines of `text`.
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let mut out = lines[lines.len().saturating_sub(n)..].join("\n");
     out.push('\n');
     out
-}
-
-/// Live (non-zombie) processes whose environment carries
-/// `PROBE_CLUSTER=<tag>`: every child launched for one cluster.
-fn tagged_processes(tag: &str) -> Vec<u32> {
-    procs::with_env("PROBE_CLUSTER", tag)
 }
 
 /// Accepts probe connections for the lifetime of the cluster.
