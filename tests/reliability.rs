@@ -652,7 +652,12 @@ fn h2_frames(bytes: &[u8]) -> Vec<String> {
 
 #[tokio::test]
 async fn garbage_http1_and_a_truncated_preface_on_the_port_do_not_disturb_the_cluster() {
-    let mut c = Cluster::start_ready(Options::new(2).actions(&[CHECK])).await;
+    let mut c = Cluster::start_ready(
+        Options::new(2)
+            .actions(&[CHECK])
+            .toml("[timeouts]\nhandshake_ms = 1500"),
+    )
+    .await;
     let addr = c.addr().await;
     let garbage: Vec<u8> = (0..4096u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -684,24 +689,106 @@ async fn garbage_http1_and_a_truncated_preface_on_the_port_do_not_disturb_the_cl
             }
         }
     }
-    // A truncated preface: the master waits for the rest (HTTP/2 has no
-    // preface deadline, and neither does the master; see GUARANTEES.md).
-    // While such connections sit open, the cluster keeps working.
+    // A truncated preface, and nothing at all: the master waits for the
+    // preface until `handshake_ms`, then closes the connection. While such
+    // connections sit open, the cluster keeps working.
+    let opened = tokio::time::Instant::now();
     let mut half_open = Vec::new();
-    for _ in 0..20 {
+    for i in 0..20 {
         use tokio::io::AsyncWriteExt;
         let mut socket = tokio::net::TcpStream::connect(&addr)
             .await
             .expect("connect to the master's port");
-        socket
-            .write_all(b"PRI * HTTP/2.0\r\n\r\nS")
-            .await
-            .expect("write half a preface");
+        if i % 2 == 0 {
+            socket
+                .write_all(b"PRI * HTTP/2.0\r\n\r\nS")
+                .await
+                .expect("write half a preface");
+        }
         half_open.push(socket);
     }
     assert_still_working(&mut c, "with-half-open-connections", &[AGENT, 1, 2]).await;
-    drop(half_open);
+    for (i, mut socket) in half_open.into_iter().enumerate() {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        // The server's SETTINGS may come first; then the close.
+        let closed = loop {
+            match tokio::time::timeout(DEADLINE, socket.read(&mut buf)).await {
+                Err(_) => break false,
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(_)) => continue,
+            }
+        };
+        if !closed {
+            c.fail(&format!(
+                "half-open connection {i} was not closed within {DEADLINE:?}"
+            ));
+        }
+    }
+    let waited = opened.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "the connections were closed before the handshake deadline: {waited:?}"
+    );
     assert_still_working(&mut c, "after-port-garbage", &[AGENT, 1, 2]).await;
+}
+
+#[tokio::test]
+async fn connections_past_max_connections_are_closed_and_the_children_keep_working() {
+    // 2 workers: the agent and the apps hold 3 connections; 2 more fit.
+    let mut c = Cluster::start_ready(
+        Options::new(2)
+            .actions(&[CHECK])
+            .toml("[limits]\nmax_connections = 5"),
+    )
+    .await;
+    let addr = c.addr().await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect to the master's port"),
+        );
+    }
+    // One too many: closed at once, without a byte (before HTTP/2).
+    let refused = poke_port(&addr, b"", DEADLINE).await;
+    if !refused.closed || !refused.reply.is_empty() {
+        c.fail(&format!(
+            "a connection past max_connections should be closed at once: {refused:?}"
+        ));
+    }
+    c.wait_master_log("the warning about the limit", |log| {
+        log.contains("too many open connections") && log.contains("limit=5")
+    })
+    .await;
+    assert_still_working(&mut c, "at-the-connection-limit", &[AGENT, 1, 2]).await;
+    // A slot given back is taken again: a fresh connection is served (here
+    // it is told its secret is unknown). The master may not have seen the
+    // old sockets close yet, so a refused attempt is retried until the
+    // deadline.
+    drop(held);
+    let until = tokio::time::Instant::now() + DEADLINE;
+    let bogus = raw::register("0123456789abcdef0123456789abcdef", raw::ROLE_APP, true);
+    let served = loop {
+        let channel = raw::connect(&addr).await;
+        let status = match raw::attach(&channel, vec![bogus.clone()]).await {
+            Ok(mut attached) => match attached.next().await {
+                Err(status) => status,
+                Ok(frame) => c.fail(&format!("a bogus secret was answered with {frame:?}")),
+            },
+            Err(status) => status,
+        };
+        if status.code() != Code::Unavailable || tokio::time::Instant::now() >= until {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        served.code(),
+        Code::Unauthenticated,
+        "a fresh connection should be admitted once a slot is free: {served:?}"
+    );
 }
 
 #[tokio::test]

@@ -181,7 +181,11 @@ pub async fn run(config: Config) -> Result<(), MasterError> {
         .await
         .map_err(|e| MasterError::Setup(format!("cannot set up reflection: {e}")))?;
     let (stop_server, server_stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(listener.serve(routes.routes(), async {
+    let admission = crate::listener::Admission {
+        max_connections: config.max_connections,
+        handshake_timeout: config.handshake_timeout,
+    };
+    let server = tokio::spawn(listener.serve(routes.routes(), admission, async {
         let _ = server_stopped.await;
     }));
     if let Some(path) = &config.addr_file {

@@ -167,6 +167,7 @@ struct ChildFile {
 struct LimitsFile {
     slow_consumer: Option<SlowConsumerFile>,
     max_pending_streams: Option<usize>,
+    max_connections: Option<usize>,
     max_action_bytes: Option<usize>,
     max_payload_bytes: Option<usize>,
     mailbox_messages: Option<usize>,
@@ -177,6 +178,7 @@ struct LimitsFile {
 #[serde(deny_unknown_fields)]
 struct TimeoutsFile {
     register_ms: Option<u64>,
+    handshake_ms: Option<u64>,
     shutdown_ms: Option<u64>,
     flow_ms: Option<u64>,
     agent_start_ms: Option<u64>,
@@ -270,6 +272,10 @@ pub struct Config {
     pub register_timeout: Duration,
     /// How many streams may wait to register at once.
     pub max_pending_streams: usize,
+    /// How many connections may be open at once.
+    pub max_connections: usize,
+    /// How long a new connection may take to send its first bytes.
+    pub handshake_timeout: Duration,
     /// What to do with a receiver that stops reading.
     pub slow_consumer: SlowConsumer,
     /// How long each shutdown phase waits before SIGKILL.
@@ -426,6 +432,21 @@ impl Config {
             limits,
             register_timeout: ms("timeouts.register_ms", t.register_ms, 10_000)?,
             max_pending_streams: positive("limits.max_pending_streams", l.max_pending_streams, 64)?,
+            max_connections: match l.max_connections {
+                // One connection per child, and room for an operator.
+                Some(n) if n < workers + 2 => {
+                    return Err(ConfigError::Invalid {
+                        key: "limits.max_connections",
+                        message: format!(
+                            "is {n}, but this cluster needs at least {} (one per child: the agent and {workers} app workers, and one for an operator)",
+                            workers + 2
+                        ),
+                    })
+                }
+                Some(n) => n,
+                None => 1024,
+            },
+            handshake_timeout: ms("timeouts.handshake_ms", t.handshake_ms, 10_000)?,
             slow_consumer: match l.slow_consumer {
                 None | Some(SlowConsumerFile::Drop) => SlowConsumer::Drop,
                 Some(SlowConsumerFile::Restart) => SlowConsumer::Restart,
@@ -599,6 +620,25 @@ mod tests {
         assert!(c.agent.builtin);
     }
 
+    /// The README's configuration reference is a real config: every key it
+    /// documents exists and its example values are valid.
+    #[test]
+    fn the_readme_config_reference_parses() {
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split("## Configuration")
+            .nth(1)
+            .expect("the README has a Configuration section");
+        let block = section
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("a toml block in the Configuration section");
+        let c = parse(block).unwrap_or_else(|e| panic!("the README's config: {e}"));
+        assert_eq!(c.workers, 4);
+        assert_eq!(c.max_connections, 1024);
+    }
+
     #[test]
     fn bad_values_are_refused_with_the_key() {
         let err = parse("workers = 0")
@@ -626,6 +666,18 @@ mod tests {
             .expect_err("0 mailbox accepted")
             .to_string();
         assert!(err.contains("limits.mailbox_messages"), "{err}");
+        let err = parse("workers = 4\n[limits]\nmax_connections = 5")
+            .expect_err("too few connections accepted")
+            .to_string();
+        assert!(
+            err.starts_with("limits.max_connections:") && err.contains("at least 6"),
+            "{err}"
+        );
+        let c = parse("workers = 4\n[limits]\nmax_connections = 6\n[timeouts]\nhandshake_ms = 250")
+            .expect("valid limits");
+        assert_eq!(c.max_connections, 6);
+        assert_eq!(c.handshake_timeout, Duration::from_millis(250));
+        assert!(parse("[timeouts]\nhandshake_ms = 0").is_err());
     }
 
     #[test]
