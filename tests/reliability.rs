@@ -792,33 +792,66 @@ async fn connections_past_max_connections_are_closed_and_the_children_keep_worki
 }
 
 #[tokio::test]
-async fn oversized_metadata_is_refused_by_http2_and_the_cluster_goes_on() {
+async fn oversized_metadata_is_refused_with_the_limit_named_and_the_cluster_goes_on() {
     let mut c = Cluster::start_ready(Options::new(2).actions(&[CHECK])).await;
     let addr = c.addr().await;
     let channel = raw::connect(&addr).await;
-    // Over the listener's 16 KiB header-list limit. HTTP/2 itself refuses
-    // the request (431 Request Header Fields Too Large) before the master
-    // reads it; a gRPC client sees that as UNKNOWN naming the HTTP status.
-    let result = raw::attach_with(
-        &channel,
+    let bogus = || {
         vec![raw::register(
             "0123456789abcdef0123456789abcdef",
             raw::ROLE_APP,
             true,
-        )],
-        vec![("x-padding", "p".repeat(20 * 1024))],
+        )]
+    };
+    let outcome = |result: Result<raw::Attached, tonic::Status>| async move {
+        match result {
+            Err(status) => Ok(status),
+            Ok(mut stream) => match stream.next().await {
+                Err(status) => Ok(status),
+                Ok(frame) => Err(format!("{frame:?}")),
+            },
+        }
+    };
+    // Over the master's 16 KiB metadata limit: refused before any handler
+    // runs, with the size and the limit named.
+    let status = match outcome(
+        raw::attach_with(
+            &channel,
+            bogus(),
+            vec![("x-padding", "p".repeat(20 * 1024))],
+        )
+        .await,
     )
-    .await;
-    let status = match result {
-        Err(status) => status,
-        Ok(mut stream) => match stream.next().await {
-            Err(status) => status,
-            Ok(frame) => c.fail(&format!("a 20 KiB header list was accepted: {frame:?}")),
-        },
+    .await
+    {
+        Ok(status) => status,
+        Err(frame) => c.fail(&format!("20 KiB of metadata was accepted: {frame}")),
     };
     assert_status(
         &mut c,
-        "a 20 KiB header list",
+        "20 KiB of metadata",
+        &status,
+        Code::ResourceExhausted,
+        &["metadata", "the limit is 16384 bytes"],
+    );
+    // Past HTTP/2's own limit (64 KiB) the transport refuses it (431), which
+    // a gRPC client can only report as UNKNOWN; the master buffers none of it.
+    let status = match outcome(
+        raw::attach_with(
+            &channel,
+            bogus(),
+            vec![("x-padding", "p".repeat(80 * 1024))],
+        )
+        .await,
+    )
+    .await
+    {
+        Ok(status) => status,
+        Err(frame) => c.fail(&format!("80 KiB of metadata was accepted: {frame}")),
+    };
+    assert_status(
+        &mut c,
+        "80 KiB of metadata",
         &status,
         Code::Unknown,
         &["431"],

@@ -8,7 +8,10 @@
 //!   frames waiting for the stream are one mechanism);
 //! - [`router`]: the pure state machine: routing, the egg-ready barrier,
 //!   egg-pids, registration checks. No I/O;
-//! - [`listener`]: the TCP or Unix socket the master serves on;
+//! - [`listener`]: the TCP or Unix socket the master serves on, and who may
+//!   connect (connection limit, handshake deadline);
+//! - [`metadata_limit`]: the tower layer that refuses oversized metadata
+//!   with a precise status;
 //! - [`hub`]: the edge between the gRPC streams and the router;
 //! - [`restart`]: when to restart a crashed child (backoff, intensity limit);
 //! - [`supervisor`]: child processes: launch, output relay, exit, signals;
@@ -38,6 +41,7 @@ pub mod events;
 pub mod hub;
 pub mod listener;
 pub mod mailbox;
+pub mod metadata_limit;
 pub mod restart;
 pub mod router;
 pub mod supervisor;

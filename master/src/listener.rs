@@ -25,11 +25,17 @@ use tonic::service::Routes;
 use tonic::transport::server::{Connected, TcpIncoming};
 
 use crate::config::Listen;
+use crate::metadata_limit::MetadataLimitLayer;
 
 /// Concurrent streams one HTTP/2 connection may open.
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
-/// The largest metadata (header list) a request may carry.
-const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// The largest metadata (header list) a request may carry; past it the
+/// request is refused with RESOURCE_EXHAUSTED naming the limit.
+const MAX_METADATA_BYTES: usize = 16 * 1024;
+/// HTTP/2's own limit, above ours: a header list past it is refused by
+/// HTTP/2 itself (431, which clients report as UNKNOWN), without the
+/// master buffering it.
+const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
 /// Who may connect, and for how long a silent connection is kept.
 #[derive(Clone, Copy, Debug)]
@@ -111,8 +117,10 @@ impl Listener {
             // A child needs one stream and an operator a few: this bounds
             // what one misbehaving connection can open.
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-            // Oversized metadata is refused by HTTP/2 itself.
             .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+            .layer(MetadataLimitLayer {
+                limit: MAX_METADATA_BYTES,
+            })
             .add_routes(routes);
         match self {
             // tonic ignores the builder's TCP_NODELAY with a custom incoming,
