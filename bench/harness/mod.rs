@@ -104,6 +104,9 @@ pub struct Options {
     /// this directory (`BENCH_PERF_ARGS` overrides the sampling options).
     /// Figures taken this way are perturbed by the profiler.
     pub perf_dir: Option<PathBuf>,
+    /// Run only these scenarios (`fanout`, `fanin`, `rtt`, `start`, `scale`,
+    /// `python`, `large`); `None`: all of them.
+    pub scenarios: Option<Vec<String>>,
 }
 
 impl Options {
@@ -133,6 +136,7 @@ impl Options {
             quiet_wait: Duration::from_secs(1800),
             python_start: true,
             perf_dir: None,
+            scenarios: None,
         }
     }
 
@@ -162,6 +166,7 @@ impl Options {
             quiet_wait: Duration::from_secs(0),
             python_start: false,
             perf_dir: None,
+            scenarios: None,
         }
     }
 
@@ -266,8 +271,14 @@ async fn run_async(opts: &Options) -> anyhow::Result<Report> {
     let mut b = Bench {
         opts,
         programs: Programs {
-            master: PathBuf::from(MASTER),
-            child: PathBuf::from(CHILD),
+            // `BENCH_MASTER` / `BENCH_CHILD` run other builds with this
+            // harness, so an A/B comparison can alternate two versions.
+            master: std::env::var_os("BENCH_MASTER")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(MASTER)),
+            child: std::env::var_os("BENCH_CHILD")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(CHILD)),
             egg_dir: bench_dir().join("egg"),
             node: node.unwrap_or_else(|| PathBuf::from("node")),
         },
@@ -481,8 +492,28 @@ impl Flood {
 const MIB: f64 = 1024.0 * 1024.0;
 
 impl<'a> Bench<'a> {
+    /// Whether `--scenarios` selected this scenario.
+    fn wants(&self, scenario: Scenario) -> bool {
+        let name = match scenario {
+            Scenario::FanOut => "fanout",
+            Scenario::FanIn(1) => "fanin",
+            Scenario::FanIn(_) => "large",
+            Scenario::RoundTrip => "rtt",
+            Scenario::Start => "start",
+            Scenario::StartPython => "python",
+            Scenario::Scale(_) => "scale",
+        };
+        self.opts
+            .scenarios
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|s| s == name))
+    }
+
     /// Runs one scenario; a failure is recorded and the benchmark goes on.
     async fn scenario(&mut self, scenario: Scenario, sys: System, run: usize) {
+        if !self.wants(scenario) {
+            return;
+        }
         self.wait_quiet(&format!("{} {scenario:?} run {}", sys.key(), run + 1))
             .await;
         let result = match scenario {
