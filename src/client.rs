@@ -23,12 +23,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tonic::Streaming;
 
-use crate::convert::{self, Inbound};
-use crate::pb;
-use crate::pb::messenger_client::MessengerClient;
-use crate::types::{
-    Code, Identity, Origin, Outbound, Role, SendRequest, SendResult, Target, Undelivered,
-};
+use crate::convert::{self, ActionText, ClientCodec, Inbound, ToMaster};
+use crate::types::{Code, Identity, Origin, Outbound, Role, SendResult, Target, Undelivered};
 
 /// The action name under which `egg-ready` reaches `on` handlers.
 pub const EGG_READY: &str = "egg-ready";
@@ -256,7 +252,7 @@ struct Inner {
     /// Who the master says we are.
     identity: Identity,
     /// Frames to the master; bounded, so a fast sender waits for the socket.
-    frames: mpsc::Sender<pb::ClientFrame>,
+    frames: mpsc::Sender<ToMaster>,
     /// Send ids, unique per client.
     next_id: AtomicU64,
     /// Sends waiting for their result, by id.
@@ -319,13 +315,17 @@ impl Client {
     /// Connects to the master, registers, and starts dispatching.
     pub async fn connect(opts: ConnectOptions) -> Result<Client, ConnectError> {
         let channel = dial(&opts.addr).await?;
-        let mut grpc = MessengerClient::new(channel).max_decoding_message_size(usize::MAX);
+        let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(usize::MAX);
         let (frames, rx) = mpsc::channel(opts.send_buffer.max(1));
         let closing = watch::Sender::new(false);
         // The master answers the call only after it has read the register
         // frame, so the frame must be queued before the call is awaited.
         frames
-            .send(convert::register_to_pb(&opts.secret, opts.role, opts.acks))
+            .send(ToMaster::Pb(convert::register_to_pb(
+                &opts.secret,
+                opts.role,
+                opts.acks,
+            )))
             .await
             .map_err(|_| {
                 ConnectError::Protocol("request stream closed before registering".into())
@@ -334,17 +334,22 @@ impl Client {
             code: s.code(),
             message: s.message().to_owned(),
         };
+        // The generated client's `attach`, with the protocol layer's own
+        // codec (see `convert.rs`).
+        grpc.ready()
+            .await
+            .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {e}")))
+            .map_err(rejected)?;
         let mut stream = grpc
-            .attach(outgoing(rx, closing.subscribe()))
+            .streaming(
+                tonic::Request::new(outgoing(rx, closing.subscribe())),
+                tonic::codegen::http::uri::PathAndQuery::from_static("/clutch.v1.Messenger/Attach"),
+                ClientCodec,
+            )
             .await
             .map_err(rejected)?
             .into_inner();
-        let identity = match stream
-            .message()
-            .await
-            .map_err(rejected)?
-            .and_then(convert::outbound_from_pb)
-        {
+        let identity = match stream.message().await.map_err(rejected)?.flatten() {
             Some(Inbound::Welcome(Some(identity))) => identity,
             Some(_) => {
                 return Err(ConnectError::Protocol(
@@ -437,7 +442,7 @@ impl Client {
             return Ok(());
         }
         self.command(Command::StopBuffering);
-        self.frame(convert::ready_to_pb()).await
+        self.frame(ToMaster::Pb(convert::ready_to_pb())).await
     }
 
     /// Waits for `egg-ready`: every process in the cluster is ready.
@@ -597,7 +602,7 @@ impl Client {
             .await
     }
 
-    async fn frame(&self, frame: pb::ClientFrame) -> Result<(), SendError> {
+    async fn frame(&self, frame: ToMaster) -> Result<(), SendError> {
         self.inner
             .frames
             .send(frame)
@@ -646,20 +651,14 @@ fn encode<T: Serialize + ?Sized>(action: &str, data: &T) -> Result<Bytes, SendEr
         })
 }
 
-fn send_frame(
-    id: u64,
-    target: Target,
-    action: &str,
-    data: Bytes,
-    want_result: bool,
-) -> pb::ClientFrame {
-    convert::send_to_pb(SendRequest {
+fn send_frame(id: u64, target: Target, action: &str, data: Bytes, want_result: bool) -> ToMaster {
+    ToMaster::Send {
         id,
-        target: Some(target),
-        action: action.to_owned(),
+        target,
+        action: ActionText::new(action),
         data,
         want_result,
-    })
+    }
 }
 
 /// The dispatcher's own state: only its task touches it, so handlers run in
@@ -774,10 +773,7 @@ impl Acker {
         let behind = self.handled - self.acked;
         if behind > 0
             && (caught_up || behind >= ACK_EVERY)
-            && inner
-                .frames
-                .try_send(convert::ack_to_pb(self.handled))
-                .is_ok()
+            && inner.frames.try_send(ToMaster::Ack(self.handled)).is_ok()
         {
             self.acked = self.handled;
         }
@@ -796,12 +792,7 @@ async fn leave(inner: Arc<Inner>, hooks: Vec<ShutdownHook>) {
         return;
     }
     let handled = inner.handled.load(Ordering::Relaxed);
-    if inner
-        .frames
-        .send(convert::ack_to_pb(handled))
-        .await
-        .is_err()
-    {
+    if inner.frames.send(ToMaster::Ack(handled)).await.is_err() {
         tracing::debug!("the stream was already closed before the last ack");
     }
     inner.closing.send_replace(true);
@@ -819,9 +810,9 @@ async fn leave(inner: Arc<Inner>, hooks: Vec<ShutdownHook>) {
 /// The request stream: queued frames, in order, until `closing`; then what
 /// is still queued, then the end of the stream.
 fn outgoing(
-    rx: mpsc::Receiver<pb::ClientFrame>,
+    rx: mpsc::Receiver<ToMaster>,
     closing: watch::Receiver<bool>,
-) -> impl Stream<Item = pb::ClientFrame> + Send + 'static {
+) -> impl Stream<Item = ToMaster> + Send + 'static {
     futures_util::stream::unfold(
         (rx, closing, false),
         |(mut rx, mut closing, draining)| async move {
@@ -841,7 +832,7 @@ fn outgoing(
     )
 }
 
-async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<pb::ServerFrame>) {
+async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<Option<Inbound>>) {
     let mut d = Dispatcher {
         handlers: HashMap::new(),
         early: VecDeque::new(),
@@ -877,7 +868,7 @@ async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<pb::ServerFrame>) {
             }
         };
         let out = match frame {
-            Ok(Some(frame)) => match convert::outbound_from_pb(frame) {
+            Ok(Some(frame)) => match frame {
                 Some(Inbound::Outbound(out)) => out,
                 Some(Inbound::Welcome(_)) => {
                     tracing::warn!("ignoring a second welcome from the master");

@@ -666,8 +666,19 @@ impl<'a> Bench<'a> {
             && cluster::master_wrapper()
                 .iter()
                 .any(|a| a.contains("callgrind"));
+        // With `BENCH_CHILD` pointing at a script that runs the child under
+        // callgrind too, the children's counters are zeroed and dumped with
+        // the master's (callgrind_control ignores processes without it).
+        let children_too = std::env::var("BENCH_CALLGRIND_ALL").is_ok_and(|v| v == "1");
+        let counted: Vec<u32> = if children_too {
+            pids.clone()
+        } else {
+            vec![c.master_pid]
+        };
         if callgrind {
-            callgrind_control("-z", c.master_pid);
+            for &pid in &counted {
+                callgrind_control("-z", pid);
+            }
         }
         let t0 = std::time::Instant::now();
         for &s in senders {
@@ -683,7 +694,9 @@ impl<'a> Bench<'a> {
             stop_perf(perf);
         }
         if callgrind {
-            callgrind_control("-d", c.master_pid);
+            for &pid in &counted {
+                callgrind_control("-d", pid);
+            }
         }
         let (peak, rss_samples) = match sampler {
             Some(s) => {
@@ -1377,7 +1390,8 @@ fn callgrind_control(op: &str, pid: u32) {
         .status();
 }
 
-/// Starts `perf record` on the master; returns once it is attached.
+/// Starts `perf record` on the master (with `BENCH_PERF_WHO=all`: on the
+/// master, the agent and the apps); returns once it is attached.
 fn start_perf(dir: &Path, c: &Cluster, action: &str) -> anyhow::Result<std::process::Child> {
     std::fs::create_dir_all(dir)?;
     let out = dir.join(format!(
@@ -1388,11 +1402,20 @@ fn start_perf(dir: &Path, c: &Cluster, action: &str) -> anyhow::Result<std::proc
     ));
     let args = std::env::var("BENCH_PERF_ARGS")
         .unwrap_or_else(|_| "-F 999 --call-graph dwarf,32768".into());
+    let who = match std::env::var("BENCH_PERF_WHO").as_deref() {
+        Ok("all") => c
+            .pids()
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => c.master_pid.to_string(),
+    };
     let child = Command::new("perf")
         .arg("record")
         .args(args.split_whitespace())
         .arg("-p")
-        .arg(c.master_pid.to_string())
+        .arg(who)
         .arg("-o")
         .arg(&out)
         .stdout(std::process::Stdio::null())
