@@ -252,7 +252,7 @@ struct Inner {
     /// Who the master says we are.
     identity: Identity,
     /// Frames to the master; bounded, so a fast sender waits for the socket.
-    frames: mpsc::Sender<ToMaster>,
+    frames: mpsc::Sender<Queued>,
     /// Send ids, unique per client.
     next_id: AtomicU64,
     /// Sends waiting for their result, by id.
@@ -261,6 +261,9 @@ struct Inner {
     commands: Mutex<Vec<Command>>,
     /// Wakes the dispatcher when `commands` grows.
     commands_changed: Notify,
+    /// Set when `commands` is not empty, so the dispatcher looks at it
+    /// without taking the lock per message.
+    commands_pending: AtomicBool,
     /// Called with results of fire-and-forget sends that missed a target.
     on_undelivered: Mutex<Option<UndeliveredHandler>>,
     /// Whether `ready` was sent (it is sent once).
@@ -283,9 +286,6 @@ struct Inner {
     shutdown_hooks: Mutex<Vec<ShutdownHook>>,
     /// Whether to exit the process on shutdown or disconnection.
     exit_on_disconnect: bool,
-    /// Set once the process is leaving: the request stream writes what is
-    /// queued, then ends, and the master closes the stream in turn.
-    closing: watch::Sender<bool>,
     /// The highest message sequence number handled, for the last ack.
     handled: AtomicU64,
 }
@@ -317,15 +317,14 @@ impl Client {
         let channel = dial(&opts.addr).await?;
         let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(usize::MAX);
         let (frames, rx) = mpsc::channel(opts.send_buffer.max(1));
-        let closing = watch::Sender::new(false);
         // The master answers the call only after it has read the register
         // frame, so the frame must be queued before the call is awaited.
         frames
-            .send(ToMaster::Pb(convert::register_to_pb(
+            .send(Queued::Frame(ToMaster::Pb(convert::register_to_pb(
                 &opts.secret,
                 opts.role,
                 opts.acks,
-            )))
+            ))))
             .await
             .map_err(|_| {
                 ConnectError::Protocol("request stream closed before registering".into())
@@ -342,7 +341,10 @@ impl Client {
             .map_err(rejected)?;
         let mut stream = grpc
             .streaming(
-                tonic::Request::new(outgoing(rx, closing.subscribe())),
+                tonic::Request::new(Outgoing {
+                    rx,
+                    draining: false,
+                }),
                 tonic::codegen::http::uri::PathAndQuery::from_static("/clutch.v1.Messenger/Attach"),
                 ClientCodec,
             )
@@ -369,6 +371,7 @@ impl Client {
             pending: Mutex::new(HashMap::new()),
             commands: Mutex::new(Vec::new()),
             commands_changed: Notify::new(),
+            commands_pending: AtomicBool::new(false),
             on_undelivered: Mutex::new(None),
             ready_sent: AtomicBool::new(false),
             egg_ready: watch::Sender::new(false),
@@ -377,7 +380,6 @@ impl Client {
             closed: watch::Sender::new(false),
             released: watch::Sender::new(false),
             shutdown_hooks: Mutex::new(Vec::new()),
-            closing,
             handled: AtomicU64::new(0),
             exit_on_disconnect: opts.exit_on_disconnect,
         });
@@ -433,6 +435,7 @@ impl Client {
 
     fn command(&self, command: Command) {
         lock(&self.inner.commands).push(command);
+        self.inner.commands_pending.store(true, Ordering::Release);
         self.inner.commands_changed.notify_one();
     }
 
@@ -603,11 +606,18 @@ impl Client {
     }
 
     async fn frame(&self, frame: ToMaster) -> Result<(), SendError> {
-        self.inner
-            .frames
-            .send(frame)
-            .await
-            .map_err(|_| SendError::Disconnected)
+        // Without waiting when there is room (the usual case): no future
+        // to build and poll.
+        match self.inner.frames.try_send(Queued::Frame(frame)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(frame)) => self
+                .inner
+                .frames
+                .send(frame)
+                .await
+                .map_err(|_| SendError::Disconnected),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Disconnected),
+        }
     }
 }
 
@@ -664,7 +674,7 @@ fn send_frame(id: u64, target: Target, action: &str, data: Bytes, want_result: b
 /// The dispatcher's own state: only its task touches it, so handlers run in
 /// arrival order without locks around user code.
 struct Dispatcher {
-    handlers: HashMap<Arc<str>, Vec<Handler>>,
+    handlers: HashMap<Arc<str>, Vec<Handler>, BuildFnv>,
     /// Messages that arrived before `ready()` with no handler yet.
     early: VecDeque<Message>,
     buffering: bool,
@@ -672,6 +682,12 @@ struct Dispatcher {
 
 impl Dispatcher {
     async fn apply(&mut self, inner: &Inner) {
+        if !inner.commands_pending.load(Ordering::Acquire) {
+            return;
+        }
+        // Cleared before taking the list: a command pushed meanwhile sets it
+        // again and is applied on the next round at the latest.
+        inner.commands_pending.store(false, Ordering::Release);
         let commands = std::mem::take(&mut *lock(&inner.commands));
         for command in commands {
             match command {
@@ -742,6 +758,32 @@ impl Dispatcher {
     }
 }
 
+/// FNV-1a for the handler table: action names are short and come from the
+/// cluster's own processes, so a fast hash beats SipHash's DoS resistance
+/// on a lookup that happens for every message.
+#[derive(Clone, Copy, Default)]
+struct BuildFnv;
+
+struct Fnv(u64);
+
+impl std::hash::BuildHasher for BuildFnv {
+    type Hasher = Fnv;
+    fn build_hasher(&self) -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::hash::Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// Runs a user handler; a panic is logged instead of killing the dispatcher.
 fn call<F: FnOnce(Message)>(message: &Message, f: F) {
     let action = message.action.clone();
@@ -773,7 +815,10 @@ impl Acker {
         let behind = self.handled - self.acked;
         if behind > 0
             && (caught_up || behind >= ACK_EVERY)
-            && inner.frames.try_send(ToMaster::Ack(self.handled)).is_ok()
+            && inner
+                .frames
+                .try_send(Queued::Frame(ToMaster::Ack(self.handled)))
+                .is_ok()
         {
             self.acked = self.handled;
         }
@@ -792,10 +837,15 @@ async fn leave(inner: Arc<Inner>, hooks: Vec<ShutdownHook>) {
         return;
     }
     let handled = inner.handled.load(Ordering::Relaxed);
-    if inner.frames.send(ToMaster::Ack(handled)).await.is_err() {
+    if inner
+        .frames
+        .send(Queued::Frame(ToMaster::Ack(handled)))
+        .await
+        .is_err()
+    {
         tracing::debug!("the stream was already closed before the last ack");
     }
-    inner.closing.send_replace(true);
+    let _ = inner.frames.send(Queued::Close).await;
     let mut closed = inner.closed.subscribe();
     if tokio::time::timeout(Duration::from_secs(2), closed.wait_for(|c| *c))
         .await
@@ -807,34 +857,50 @@ async fn leave(inner: Arc<Inner>, hooks: Vec<ShutdownHook>) {
     std::process::exit(0);
 }
 
-/// The request stream: queued frames, in order, until `closing`; then what
+/// What the client queues for the request stream.
+enum Queued {
+    /// A frame for the master.
+    Frame(ToMaster),
+    /// The process is leaving: write what is queued, then end the stream.
+    Close,
+}
+
+/// The request stream: queued frames, in order, until `Close`; then what
 /// is still queued, then the end of the stream.
-fn outgoing(
-    rx: mpsc::Receiver<ToMaster>,
-    closing: watch::Receiver<bool>,
-) -> impl Stream<Item = ToMaster> + Send + 'static {
-    futures_util::stream::unfold(
-        (rx, closing, false),
-        |(mut rx, mut closing, draining)| async move {
-            if draining {
-                return rx.try_recv().ok().map(|f| (f, (rx, closing, true)));
-            }
-            let next = tokio::select! {
-                biased;
-                frame = rx.recv() => Some(frame),
-                _ = closing.wait_for(|c| *c) => None,
+struct Outgoing {
+    rx: mpsc::Receiver<Queued>,
+    draining: bool,
+}
+
+impl Stream for Outgoing {
+    type Item = ToMaster;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<ToMaster>> {
+        use std::task::Poll;
+        loop {
+            let next = if self.draining {
+                self.rx.try_recv().ok()
+            } else {
+                match self.rx.poll_recv(cx) {
+                    Poll::Ready(next) => next,
+                    Poll::Pending => return Poll::Pending,
+                }
             };
             match next {
-                Some(frame) => frame.map(|f| (f, (rx, closing, false))),
-                None => rx.try_recv().ok().map(|f| (f, (rx, closing, true))),
+                Some(Queued::Frame(frame)) => return Poll::Ready(Some(frame)),
+                Some(Queued::Close) => self.draining = true,
+                None => return Poll::Ready(None),
             }
-        },
-    )
+        }
+    }
 }
 
 async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<Option<Inbound>>) {
     let mut d = Dispatcher {
-        handlers: HashMap::new(),
+        handlers: HashMap::default(),
         early: VecDeque::new(),
         buffering: true,
     };

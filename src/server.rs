@@ -334,6 +334,19 @@ impl Stream for AttachStream {
         if let Some(welcome) = self.welcome.take() {
             return Poll::Ready(Some(Ok(ToChild::Welcome(welcome))));
         }
+        // Frames first: the violation signal is only looked at when the
+        // hub has nothing to write, which is also when a violation shows
+        // (the inbound pump detaches right after reporting one, so the
+        // hub's stream ends).
+        match self.outbound.poll_next_unpin(cx) {
+            Poll::Ready(Some(out)) => return Poll::Ready(Some(Ok(ToChild::Out(out)))),
+            Poll::Ready(None) => {
+                self.outbound = Box::pin(futures_util::stream::empty());
+                let violation = self.violation.take().and_then(|mut rx| rx.try_recv().ok());
+                return Poll::Ready(violation.map(Err));
+            }
+            Poll::Pending => {}
+        }
         if let Some(rx) = self.violation.as_mut() {
             match Pin::new(rx).poll(cx) {
                 Poll::Ready(Ok(status)) => {
@@ -345,8 +358,6 @@ impl Stream for AttachStream {
                 Poll::Pending => {}
             }
         }
-        self.outbound
-            .poll_next_unpin(cx)
-            .map(|o| o.map(|out| Ok(ToChild::Out(out))))
+        Poll::Pending
     }
 }
