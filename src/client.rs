@@ -35,6 +35,12 @@ pub const AGENT_START: &str = "agent-start";
 
 /// Handled messages after which an ack goes out even if more are waiting.
 const ACK_EVERY: u64 = 64;
+/// How long the stream must stay quiet before an ack covers the messages
+/// handled since the last one. Under a flow of messages acks go out every
+/// [`ACK_EVERY`]; acking each time the dispatcher catches up instead cost
+/// an ack frame per few messages (and the master a router lock each).
+/// tokio's timer rounds this up to its 1 ms tick.
+const ACK_IDLE: Duration = Duration::from_millis(1);
 
 /// How many messages without a handler are kept, before `ready()`, for
 /// handlers registered later. Past this the oldest are dropped with a warning.
@@ -792,9 +798,9 @@ fn call<F: FnOnce(Message)>(message: &Message, f: F) {
     }
 }
 
-/// Tracks what to acknowledge: cumulative, and sent when the dispatcher has
-/// caught up or every [`ACK_EVERY`] messages, so a stream of messages costs
-/// a fraction of an ack each.
+/// Tracks what to acknowledge: cumulative, and sent every [`ACK_EVERY`]
+/// messages or once the stream has been quiet for [`ACK_IDLE`], so a
+/// stream of messages costs a fraction of an ack each.
 #[derive(Default)]
 struct Acker {
     /// The highest handled message sequence number.
@@ -809,7 +815,12 @@ impl Acker {
         inner.handled.store(self.handled, Ordering::Relaxed);
     }
 
-    /// Sends an ack if one is due (`caught_up`: nothing else is waiting).
+    /// Whether something handled is not acknowledged yet.
+    fn pending(&self) -> bool {
+        self.handled > self.acked
+    }
+
+    /// Sends an ack if one is due (`caught_up`: the stream is quiet).
     /// A full send queue defers it; a later ack covers it.
     fn flush(&mut self, inner: &Inner, caught_up: bool) {
         let behind = self.handled - self.acked;
@@ -915,6 +926,7 @@ async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<Option<Inbound>>) {
         from: master,
     };
     let mut acker = Acker::default();
+    let mut quiet = Box::pin(tokio::time::sleep(ACK_IDLE));
     let ended_cleanly = loop {
         d.apply(&inner).await;
         // `message()` is cancel-safe: polling it once and dropping it loses
@@ -924,8 +936,20 @@ async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<Option<Inbound>>) {
                 acker.flush(&inner, false);
                 frame
             }
+            None if acker.pending() => {
+                acker.flush(&inner, false);
+                quiet.as_mut().reset(tokio::time::Instant::now() + ACK_IDLE);
+                tokio::select! {
+                    biased;
+                    _ = inner.commands_changed.notified() => continue,
+                    frame = stream.message() => frame,
+                    () = &mut quiet => {
+                        acker.flush(&inner, true);
+                        continue;
+                    }
+                }
+            }
             None => {
-                acker.flush(&inner, true);
                 tokio::select! {
                     biased;
                     _ = inner.commands_changed.notified() => continue,
