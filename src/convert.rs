@@ -241,11 +241,11 @@ use prost::encoding::{encoded_len_varint, key_len, WireType};
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Status;
 
-/// Encode buffer settings: tonic sends its buffer once it holds
-/// `YIELD_BYTES` (many frames per write under load); starting the buffer
-/// that large saves growing it by reallocation after every write.
+/// Encode buffer settings: tonic sends its buffer once it holds 32 KiB
+/// (many frames per write under load); starting the buffer larger than
+/// that saves growing it by reallocation (see [`BATCH_RESERVE`]).
 fn encode_buffer() -> BufferSettings {
-    BufferSettings::new(48 * 1024, 32 * 1024)
+    BufferSettings::new(BATCH_RESERVE + 8 * 1024, 32 * 1024)
 }
 
 /// Action names recently seen on one stream, so that a run of messages
@@ -360,6 +360,7 @@ impl Encoder for ServerEncoder {
     type Item = ToChild;
     type Error = Status;
     fn encode(&mut self, item: ToChild, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        reserve_batch(dst);
         match item {
             ToChild::Out(Outbound::Message { seq, delivery }) => {
                 encode_message(seq, &delivery, dst);
@@ -453,23 +454,36 @@ fn int32(v: i32) -> u64 {
     i64::from(v) as u64
 }
 
-/// The bytes of a frame between its two length-delimited fields (keys,
-/// lengths, numbers), built on the stack and written with one copy. Every
-/// field number here is below 16, so a key is one byte.
-struct Head {
-    buf: [u8; 64],
+/// A frame being written: small pieces (keys, lengths, numbers, short
+/// actions and payloads) are gathered on the stack and copied into the
+/// destination together, so a typical frame is one copy instead of one per
+/// field. Every field number here is below 16, so a key is one byte.
+struct Head<'a, B: BufMut> {
+    dst: &'a mut B,
+    buf: [u8; 256],
     len: usize,
 }
 
-impl Head {
-    fn new() -> Head {
+impl<'a, B: BufMut> Head<'a, B> {
+    fn new(dst: &'a mut B) -> Self {
         Head {
-            buf: [0; 64],
+            dst,
+            buf: [0; 256],
             len: 0,
         }
     }
 
+    /// Makes room for `n` more bytes on the stack.
+    #[inline(always)]
+    fn room(&mut self, n: usize) {
+        if self.len + n > self.buf.len() {
+            self.finish();
+        }
+    }
+
+    #[inline(always)]
     fn varint(&mut self, mut v: u64) {
+        self.room(10);
         while v >= 0x80 {
             self.buf[self.len] = (v as u8) | 0x80;
             self.len += 1;
@@ -479,13 +493,16 @@ impl Head {
         self.len += 1;
     }
 
+    #[inline(always)]
     fn key(&mut self, tag: u32, wire_type: WireType) {
         debug_assert!(tag < 16);
+        self.room(1);
         self.buf[self.len] = ((tag << 3) | wire_type as u32) as u8;
         self.len += 1;
     }
 
     /// A varint field, left out when zero (proto3).
+    #[inline(always)]
     fn number(&mut self, tag: u32, v: u64) {
         if v != 0 {
             self.key(tag, WireType::Varint);
@@ -493,17 +510,43 @@ impl Head {
         }
     }
 
-    /// The key and length of a length-delimited field, left out when empty.
-    fn len_prefix(&mut self, tag: u32, len: usize) {
-        if len != 0 {
-            self.key(tag, WireType::LengthDelimited);
-            self.varint(len as u64);
+    /// A length-delimited field, left out when empty (proto3).
+    #[inline(always)]
+    fn field(&mut self, tag: u32, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.key(tag, WireType::LengthDelimited);
+        self.varint(bytes.len() as u64);
+        if self.len + bytes.len() <= self.buf.len() {
+            self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+            self.len += bytes.len();
+        } else {
+            self.finish();
+            self.dst.put_slice(bytes);
         }
     }
 
-    fn flush(&mut self, dst: &mut impl BufMut) {
-        dst.put_slice(&self.buf[..self.len]);
+    /// Writes what is gathered.
+    #[inline(always)]
+    fn finish(&mut self) {
+        self.dst.put_slice(&self.buf[..self.len]);
         self.len = 0;
+    }
+}
+
+/// Room reserved when an encoder starts a new batch (its buffer holds only
+/// this frame's 5-byte gRPC header): tonic writes its buffer once it holds
+/// 32 KiB, so reserving that much up front lets a batch grow without the
+/// buffer being reallocated and copied on the way (`BytesMut` reuses the
+/// old allocation when h2 has written it, and allocates a fresh one when
+/// not).
+const BATCH_RESERVE: usize = 40 * 1024;
+
+fn reserve_batch(dst: &mut EncodeBuf<'_>) {
+    let used = (isize::MAX as usize).saturating_sub(dst.remaining_mut());
+    if used <= 5 {
+        dst.reserve(BATCH_RESERVE);
     }
 }
 
@@ -517,20 +560,16 @@ pub(crate) fn encode_message(seq: u64, d: &Delivery, dst: &mut impl BufMut) {
         + varint_field_len(4, pid)
         + varint_field_len(5, worker_id)
         + varint_field_len(6, seq);
-    let mut h = Head::new();
+    let mut h = Head::new(dst);
     h.key(2, WireType::LengthDelimited);
     h.varint(len as u64);
-    h.len_prefix(1, d.action.len());
-    h.flush(dst);
-    dst.put_slice(d.action.as_bytes());
-    h.len_prefix(2, d.data.len());
-    h.flush(dst);
-    dst.put_slice(&d.data);
+    h.field(1, d.action.as_bytes());
+    h.field(2, &d.data);
     h.number(3, role);
     h.number(4, pid);
     h.number(5, worker_id);
     h.number(6, seq);
-    h.flush(dst);
+    h.finish();
 }
 
 /// Reads a varint at `*pos` of `buf`. `None` when it is cut short or longer
@@ -718,6 +757,7 @@ impl Encoder for ClientEncoder {
     type Item = ToMaster;
     type Error = Status;
     fn encode(&mut self, item: ToMaster, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        reserve_batch(dst);
         match item {
             ToMaster::Pb(frame) => encode_pb(&frame, dst),
             ToMaster::Send {
@@ -758,29 +798,25 @@ pub(crate) fn encode_send(
         + len_field_len(4, action.len())
         + len_field_len(5, data.len())
         + varint_field_len(6, want_result.into());
-    let mut h = Head::new();
+    let mut h = Head::new(dst);
     h.key(3, WireType::LengthDelimited);
     h.varint(len as u64);
     h.number(1, id);
     h.number(2, route);
     h.number(3, pid);
-    h.len_prefix(4, action.len());
-    h.flush(dst);
-    dst.put_slice(action);
-    h.len_prefix(5, data.len());
-    h.flush(dst);
-    dst.put_slice(data);
+    h.field(4, action);
+    h.field(5, data);
     h.number(6, want_result.into());
-    h.flush(dst);
+    h.finish();
 }
 
 /// `ClientFrame { ack: Ack { seq } }`.
 pub(crate) fn encode_ack(seq: u64, dst: &mut impl BufMut) {
-    let mut h = Head::new();
+    let mut h = Head::new(dst);
     h.key(4, WireType::LengthDelimited);
     h.varint(varint_field_len(1, seq) as u64);
     h.number(1, seq);
-    h.flush(dst);
+    h.finish();
 }
 
 #[derive(Default)]
