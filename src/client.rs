@@ -743,8 +743,7 @@ impl Dispatcher {
         while i < handlers.len() {
             let keep = match &mut handlers[i] {
                 Handler::On(f) => {
-                    let f = f.clone();
-                    call(&message, move |m| f(m));
+                    call(&message, |m| f(m));
                     true
                 }
                 Handler::Once(f) => {
@@ -792,9 +791,8 @@ impl std::hash::Hasher for Fnv {
 
 /// Runs a user handler; a panic is logged instead of killing the dispatcher.
 fn call<F: FnOnce(Message)>(message: &Message, f: F) {
-    let action = message.action.clone();
     if std::panic::catch_unwind(AssertUnwindSafe(|| f(message.clone()))).is_err() {
-        tracing::error!(%action, "a message handler panicked; dispatch goes on");
+        tracing::error!(action = %message.action, "a message handler panicked; dispatch goes on");
     }
 }
 
