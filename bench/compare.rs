@@ -76,6 +76,10 @@ struct Cli {
     /// writing perf.data files into DIR (figures are perturbed).
     #[arg(long, value_name = "DIR")]
     perf: Option<PathBuf>,
+    /// Only these scenarios, comma-separated: fanout, fanin, rtt, start,
+    /// scale, python, large (default: all).
+    #[arg(long, value_delimiter = ',', value_parser = ["fanout", "fanin", "rtt", "start", "scale", "python", "large"])]
+    scenarios: Option<Vec<String>>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -140,6 +144,9 @@ fn main() {
     }
     if let Some(dir) = cli.perf {
         opts.perf_dir = Some(dir);
+    }
+    if let Some(s) = cli.scenarios {
+        opts.scenarios = Some(s);
     }
     if let Some(dir) = cli.results {
         opts.results_dir = Some(dir);

@@ -23,12 +23,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tonic::Streaming;
 
-use crate::convert::{self, Inbound};
-use crate::pb;
-use crate::pb::messenger_client::MessengerClient;
-use crate::types::{
-    Code, Identity, Origin, Outbound, Role, SendRequest, SendResult, Target, Undelivered,
-};
+use crate::convert::{self, ActionText, ClientCodec, Inbound, ToMaster};
+use crate::types::{Code, Identity, Origin, Outbound, Role, SendResult, Target, Undelivered};
 
 /// The action name under which `egg-ready` reaches `on` handlers.
 pub const EGG_READY: &str = "egg-ready";
@@ -39,6 +35,12 @@ pub const AGENT_START: &str = "agent-start";
 
 /// Handled messages after which an ack goes out even if more are waiting.
 const ACK_EVERY: u64 = 64;
+/// How long the stream must stay quiet before an ack covers the messages
+/// handled since the last one. Under a flow of messages acks go out every
+/// [`ACK_EVERY`]; acking each time the dispatcher catches up instead cost
+/// an ack frame per few messages (and the master a router lock each).
+/// tokio's timer rounds this up to its 1 ms tick.
+const ACK_IDLE: Duration = Duration::from_millis(1);
 
 /// How many messages without a handler are kept, before `ready()`, for
 /// handlers registered later. Past this the oldest are dropped with a warning.
@@ -256,7 +258,7 @@ struct Inner {
     /// Who the master says we are.
     identity: Identity,
     /// Frames to the master; bounded, so a fast sender waits for the socket.
-    frames: mpsc::Sender<pb::ClientFrame>,
+    frames: mpsc::Sender<Queued>,
     /// Send ids, unique per client.
     next_id: AtomicU64,
     /// Sends waiting for their result, by id.
@@ -265,6 +267,9 @@ struct Inner {
     commands: Mutex<Vec<Command>>,
     /// Wakes the dispatcher when `commands` grows.
     commands_changed: Notify,
+    /// Set when `commands` is not empty, so the dispatcher looks at it
+    /// without taking the lock per message.
+    commands_pending: AtomicBool,
     /// Called with results of fire-and-forget sends that missed a target.
     on_undelivered: Mutex<Option<UndeliveredHandler>>,
     /// Whether `ready` was sent (it is sent once).
@@ -287,9 +292,6 @@ struct Inner {
     shutdown_hooks: Mutex<Vec<ShutdownHook>>,
     /// Whether to exit the process on shutdown or disconnection.
     exit_on_disconnect: bool,
-    /// Set once the process is leaving: the request stream writes what is
-    /// queued, then ends, and the master closes the stream in turn.
-    closing: watch::Sender<bool>,
     /// The highest message sequence number handled, for the last ack.
     handled: AtomicU64,
 }
@@ -319,13 +321,16 @@ impl Client {
     /// Connects to the master, registers, and starts dispatching.
     pub async fn connect(opts: ConnectOptions) -> Result<Client, ConnectError> {
         let channel = dial(&opts.addr).await?;
-        let mut grpc = MessengerClient::new(channel).max_decoding_message_size(usize::MAX);
+        let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(usize::MAX);
         let (frames, rx) = mpsc::channel(opts.send_buffer.max(1));
-        let closing = watch::Sender::new(false);
         // The master answers the call only after it has read the register
         // frame, so the frame must be queued before the call is awaited.
         frames
-            .send(convert::register_to_pb(&opts.secret, opts.role, opts.acks))
+            .send(Queued::Frame(ToMaster::Pb(convert::register_to_pb(
+                &opts.secret,
+                opts.role,
+                opts.acks,
+            ))))
             .await
             .map_err(|_| {
                 ConnectError::Protocol("request stream closed before registering".into())
@@ -334,17 +339,25 @@ impl Client {
             code: s.code(),
             message: s.message().to_owned(),
         };
+        // The generated client's `attach`, with the protocol layer's own
+        // codec (see `convert.rs`).
+        grpc.ready()
+            .await
+            .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {e}")))
+            .map_err(rejected)?;
         let mut stream = grpc
-            .attach(outgoing(rx, closing.subscribe()))
+            .streaming(
+                tonic::Request::new(Outgoing {
+                    rx,
+                    draining: false,
+                }),
+                tonic::codegen::http::uri::PathAndQuery::from_static("/clutch.v1.Messenger/Attach"),
+                ClientCodec,
+            )
             .await
             .map_err(rejected)?
             .into_inner();
-        let identity = match stream
-            .message()
-            .await
-            .map_err(rejected)?
-            .and_then(convert::outbound_from_pb)
-        {
+        let identity = match stream.message().await.map_err(rejected)?.flatten() {
             Some(Inbound::Welcome(Some(identity))) => identity,
             Some(_) => {
                 return Err(ConnectError::Protocol(
@@ -364,6 +377,7 @@ impl Client {
             pending: Mutex::new(HashMap::new()),
             commands: Mutex::new(Vec::new()),
             commands_changed: Notify::new(),
+            commands_pending: AtomicBool::new(false),
             on_undelivered: Mutex::new(None),
             ready_sent: AtomicBool::new(false),
             egg_ready: watch::Sender::new(false),
@@ -372,7 +386,6 @@ impl Client {
             closed: watch::Sender::new(false),
             released: watch::Sender::new(false),
             shutdown_hooks: Mutex::new(Vec::new()),
-            closing,
             handled: AtomicU64::new(0),
             exit_on_disconnect: opts.exit_on_disconnect,
         });
@@ -428,6 +441,7 @@ impl Client {
 
     fn command(&self, command: Command) {
         lock(&self.inner.commands).push(command);
+        self.inner.commands_pending.store(true, Ordering::Release);
         self.inner.commands_changed.notify_one();
     }
 
@@ -437,7 +451,7 @@ impl Client {
             return Ok(());
         }
         self.command(Command::StopBuffering);
-        self.frame(convert::ready_to_pb()).await
+        self.frame(ToMaster::Pb(convert::ready_to_pb())).await
     }
 
     /// Waits for `egg-ready`: every process in the cluster is ready.
@@ -597,12 +611,19 @@ impl Client {
             .await
     }
 
-    async fn frame(&self, frame: pb::ClientFrame) -> Result<(), SendError> {
-        self.inner
-            .frames
-            .send(frame)
-            .await
-            .map_err(|_| SendError::Disconnected)
+    async fn frame(&self, frame: ToMaster) -> Result<(), SendError> {
+        // Without waiting when there is room (the usual case): no future
+        // to build and poll.
+        match self.inner.frames.try_send(Queued::Frame(frame)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(frame)) => self
+                .inner
+                .frames
+                .send(frame)
+                .await
+                .map_err(|_| SendError::Disconnected),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Disconnected),
+        }
     }
 }
 
@@ -646,26 +667,20 @@ fn encode<T: Serialize + ?Sized>(action: &str, data: &T) -> Result<Bytes, SendEr
         })
 }
 
-fn send_frame(
-    id: u64,
-    target: Target,
-    action: &str,
-    data: Bytes,
-    want_result: bool,
-) -> pb::ClientFrame {
-    convert::send_to_pb(SendRequest {
+fn send_frame(id: u64, target: Target, action: &str, data: Bytes, want_result: bool) -> ToMaster {
+    ToMaster::Send {
         id,
-        target: Some(target),
-        action: action.to_owned(),
+        target,
+        action: ActionText::new(action),
         data,
         want_result,
-    })
+    }
 }
 
 /// The dispatcher's own state: only its task touches it, so handlers run in
 /// arrival order without locks around user code.
 struct Dispatcher {
-    handlers: HashMap<Arc<str>, Vec<Handler>>,
+    handlers: HashMap<Arc<str>, Vec<Handler>, BuildFnv>,
     /// Messages that arrived before `ready()` with no handler yet.
     early: VecDeque<Message>,
     buffering: bool,
@@ -673,6 +688,12 @@ struct Dispatcher {
 
 impl Dispatcher {
     async fn apply(&mut self, inner: &Inner) {
+        if !inner.commands_pending.load(Ordering::Acquire) {
+            return;
+        }
+        // Cleared before taking the list: a command pushed meanwhile sets it
+        // again and is applied on the next round at the latest.
+        inner.commands_pending.store(false, Ordering::Release);
         let commands = std::mem::take(&mut *lock(&inner.commands));
         for command in commands {
             match command {
@@ -722,8 +743,7 @@ impl Dispatcher {
         while i < handlers.len() {
             let keep = match &mut handlers[i] {
                 Handler::On(f) => {
-                    let f = f.clone();
-                    call(&message, move |m| f(m));
+                    call(&message, |m| f(m));
                     true
                 }
                 Handler::Once(f) => {
@@ -743,17 +763,42 @@ impl Dispatcher {
     }
 }
 
-/// Runs a user handler; a panic is logged instead of killing the dispatcher.
-fn call<F: FnOnce(Message)>(message: &Message, f: F) {
-    let action = message.action.clone();
-    if std::panic::catch_unwind(AssertUnwindSafe(|| f(message.clone()))).is_err() {
-        tracing::error!(%action, "a message handler panicked; dispatch goes on");
+/// FNV-1a for the handler table: action names are short and come from the
+/// cluster's own processes, so a fast hash beats SipHash's DoS resistance
+/// on a lookup that happens for every message.
+#[derive(Clone, Copy, Default)]
+struct BuildFnv;
+
+struct Fnv(u64);
+
+impl std::hash::BuildHasher for BuildFnv {
+    type Hasher = Fnv;
+    fn build_hasher(&self) -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
     }
 }
 
-/// Tracks what to acknowledge: cumulative, and sent when the dispatcher has
-/// caught up or every [`ACK_EVERY`] messages, so a stream of messages costs
-/// a fraction of an ack each.
+impl std::hash::Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Runs a user handler; a panic is logged instead of killing the dispatcher.
+fn call<F: FnOnce(Message)>(message: &Message, f: F) {
+    if std::panic::catch_unwind(AssertUnwindSafe(|| f(message.clone()))).is_err() {
+        tracing::error!(action = %message.action, "a message handler panicked; dispatch goes on");
+    }
+}
+
+/// Tracks what to acknowledge: cumulative, and sent every [`ACK_EVERY`]
+/// messages or once the stream has been quiet for [`ACK_IDLE`], so a
+/// stream of messages costs a fraction of an ack each.
 #[derive(Default)]
 struct Acker {
     /// The highest handled message sequence number.
@@ -768,7 +813,12 @@ impl Acker {
         inner.handled.store(self.handled, Ordering::Relaxed);
     }
 
-    /// Sends an ack if one is due (`caught_up`: nothing else is waiting).
+    /// Whether something handled is not acknowledged yet.
+    fn pending(&self) -> bool {
+        self.handled > self.acked
+    }
+
+    /// Sends an ack if one is due (`caught_up`: the stream is quiet).
     /// A full send queue defers it; a later ack covers it. Returns true when
     /// an ack was queued.
     fn flush(&mut self, inner: &Inner, caught_up: bool) -> bool {
@@ -777,7 +827,7 @@ impl Acker {
             && (caught_up || behind >= ACK_EVERY)
             && inner
                 .frames
-                .try_send(convert::ack_to_pb(self.handled))
+                .try_send(Queued::Frame(ToMaster::Ack(self.handled)))
                 .is_ok()
         {
             self.acked = self.handled;
@@ -801,13 +851,13 @@ async fn leave(inner: Arc<Inner>, hooks: Vec<ShutdownHook>) {
     let handled = inner.handled.load(Ordering::Relaxed);
     if inner
         .frames
-        .send(convert::ack_to_pb(handled))
+        .send(Queued::Frame(ToMaster::Ack(handled)))
         .await
         .is_err()
     {
         tracing::debug!("the stream was already closed before the last ack");
     }
-    inner.closing.send_replace(true);
+    let _ = inner.frames.send(Queued::Close).await;
     let mut closed = inner.closed.subscribe();
     if tokio::time::timeout(Duration::from_secs(2), closed.wait_for(|c| *c))
         .await
@@ -819,34 +869,50 @@ async fn leave(inner: Arc<Inner>, hooks: Vec<ShutdownHook>) {
     std::process::exit(0);
 }
 
-/// The request stream: queued frames, in order, until `closing`; then what
-/// is still queued, then the end of the stream.
-fn outgoing(
-    rx: mpsc::Receiver<pb::ClientFrame>,
-    closing: watch::Receiver<bool>,
-) -> impl Stream<Item = pb::ClientFrame> + Send + 'static {
-    futures_util::stream::unfold(
-        (rx, closing, false),
-        |(mut rx, mut closing, draining)| async move {
-            if draining {
-                return rx.try_recv().ok().map(|f| (f, (rx, closing, true)));
-            }
-            let next = tokio::select! {
-                biased;
-                frame = rx.recv() => Some(frame),
-                _ = closing.wait_for(|c| *c) => None,
-            };
-            match next {
-                Some(frame) => frame.map(|f| (f, (rx, closing, false))),
-                None => rx.try_recv().ok().map(|f| (f, (rx, closing, true))),
-            }
-        },
-    )
+/// What the client queues for the request stream.
+enum Queued {
+    /// A frame for the master.
+    Frame(ToMaster),
+    /// The process is leaving: write what is queued, then end the stream.
+    Close,
 }
 
-async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<pb::ServerFrame>) {
+/// The request stream: queued frames, in order, until `Close`; then what
+/// is still queued, then the end of the stream.
+struct Outgoing {
+    rx: mpsc::Receiver<Queued>,
+    draining: bool,
+}
+
+impl Stream for Outgoing {
+    type Item = ToMaster;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<ToMaster>> {
+        use std::task::Poll;
+        loop {
+            let next = if self.draining {
+                self.rx.try_recv().ok()
+            } else {
+                match self.rx.poll_recv(cx) {
+                    Poll::Ready(next) => next,
+                    Poll::Pending => return Poll::Pending,
+                }
+            };
+            match next {
+                Some(Queued::Frame(frame)) => return Poll::Ready(Some(frame)),
+                Some(Queued::Close) => self.draining = true,
+                None => return Poll::Ready(None),
+            }
+        }
+    }
+}
+
+async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<Option<Inbound>>) {
     let mut d = Dispatcher {
-        handlers: HashMap::new(),
+        handlers: HashMap::default(),
         early: VecDeque::new(),
         buffering: true,
     };
@@ -861,6 +927,7 @@ async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<pb::ServerFrame>) {
         from: master,
     };
     let mut acker = Acker::default();
+    let mut quiet = Box::pin(tokio::time::sleep(ACK_IDLE));
     let ended_cleanly = loop {
         d.apply(&inner).await;
         // `message()` is cancel-safe: polling it once and dropping it loses
@@ -877,8 +944,20 @@ async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<pb::ServerFrame>) {
                 }
                 frame
             }
+            None if acker.pending() => {
+                acker.flush(&inner, false);
+                quiet.as_mut().reset(tokio::time::Instant::now() + ACK_IDLE);
+                tokio::select! {
+                    biased;
+                    _ = inner.commands_changed.notified() => continue,
+                    frame = stream.message() => frame,
+                    () = &mut quiet => {
+                        acker.flush(&inner, true);
+                        continue;
+                    }
+                }
+            }
             None => {
-                acker.flush(&inner, true);
                 tokio::select! {
                     biased;
                     _ = inner.commands_changed.notified() => continue,
@@ -887,7 +966,7 @@ async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<pb::ServerFrame>) {
             }
         };
         let out = match frame {
-            Ok(Some(frame)) => match convert::outbound_from_pb(frame) {
+            Ok(Some(frame)) => match frame {
                 Some(Inbound::Outbound(out)) => out,
                 Some(Inbound::Welcome(_)) => {
                     tracing::warn!("ignoring a second welcome from the master");

@@ -7,6 +7,7 @@
 //! never sees a malformed stream.
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,11 +17,11 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use tokio::sync::oneshot;
+use tonic::codegen::{http, Body as HttpBody, BoxFuture, StdError};
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::convert;
-use crate::pb;
-use crate::pb::messenger_server::{Messenger, MessengerServer};
+use crate::convert::{FromChild, ServerCodec, ToChild};
 use crate::types::{Identity, Outbound, RegisterError, Registration, SendRequest};
 
 /// The routing core the adapter hands attached children to.
@@ -63,18 +64,92 @@ pub struct PendingLimits {
 }
 
 /// The tonic service for [`Hub`]; add it to a `tonic::transport::Server`.
-pub fn service<H: Hub>(hub: H, limits: PendingLimits) -> MessengerServer<Adapter<H>> {
-    MessengerServer::new(Adapter {
-        hub: Arc::new(hub),
-        limits,
-        pending: Arc::new(PendingStreams::default()),
-    })
-    // The hub enforces its own payload limit with a precise error; tonic's
-    // default of 4 MiB would otherwise cut the stream with a vaguer one.
-    .max_decoding_message_size(usize::MAX)
+pub fn service<H: Hub>(hub: H, limits: PendingLimits) -> MessengerService<H> {
+    MessengerService {
+        adapter: Arc::new(Adapter {
+            hub: Arc::new(hub),
+            limits,
+            pending: Arc::new(PendingStreams::default()),
+        }),
+    }
 }
 
-/// Implements the generated `Messenger` trait over a [`Hub`].
+/// The `clutch.v1.Messenger` service. It is the generated server's code
+/// with the protocol layer's own codec (see `convert.rs`): frames are
+/// decoded straight into domain values and written straight from them.
+pub struct MessengerService<H> {
+    adapter: Arc<Adapter<H>>,
+}
+
+impl<H> Clone for MessengerService<H> {
+    fn clone(&self) -> Self {
+        MessengerService {
+            adapter: self.adapter.clone(),
+        }
+    }
+}
+
+impl<H> NamedService for MessengerService<H> {
+    const NAME: &'static str = "clutch.v1.Messenger";
+}
+
+/// The one method, as tonic's streaming handler.
+struct AttachSvc<H>(Arc<Adapter<H>>);
+
+impl<H: Hub> tonic::server::StreamingService<FromChild> for AttachSvc<H> {
+    type Response = ToChild;
+    type ResponseStream = AttachStream;
+    type Future = BoxFuture<Response<AttachStream>, Status>;
+
+    fn call(&mut self, request: Request<Streaming<FromChild>>) -> Self::Future {
+        let adapter = self.0.clone();
+        Box::pin(async move { adapter.attach(request).await })
+    }
+}
+
+impl<H, B> tower::Service<http::Request<B>> for MessengerService<H>
+where
+    H: Hub,
+    B: HttpBody + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != "/clutch.v1.Messenger/Attach" {
+            return Box::pin(async move {
+                let mut response = http::Response::new(tonic::body::Body::default());
+                let headers = response.headers_mut();
+                headers.insert(
+                    Status::GRPC_STATUS,
+                    (tonic::Code::Unimplemented as i32).into(),
+                );
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    tonic::metadata::GRPC_CONTENT_TYPE,
+                );
+                Ok(response)
+            });
+        }
+        let adapter = self.adapter.clone();
+        Box::pin(async move {
+            // The hub enforces its own payload limit with a precise error;
+            // tonic's default of 4 MiB would otherwise cut the stream with a
+            // vaguer one.
+            let mut grpc = tonic::server::Grpc::new(ServerCodec)
+                .apply_max_message_size_config(Some(usize::MAX), None);
+            Ok(grpc.streaming(AttachSvc(adapter), req).await)
+        })
+    }
+}
+
+/// Serves `Attach` over a [`Hub`].
 pub struct Adapter<H> {
     /// The master's routing core.
     hub: Arc<H>,
@@ -134,14 +209,11 @@ impl Drop for Ticket {
     }
 }
 
-#[tonic::async_trait]
-impl<H: Hub> Messenger for Adapter<H> {
-    type AttachStream = AttachStream;
-
+impl<H: Hub> Adapter<H> {
     async fn attach(
         &self,
-        request: Request<Streaming<pb::ClientFrame>>,
-    ) -> Result<Response<Self::AttachStream>, Status> {
+        request: Request<Streaming<FromChild>>,
+    ) -> Result<Response<AttachStream>, Status> {
         let mut inbound = request.into_inner();
         // At the cap, the stream that has waited longest makes room: a real
         // child registers within milliseconds, so only silent streams are
@@ -172,12 +244,12 @@ impl<H: Hub> Messenger for Adapter<H> {
             }
             Ok(Ok(Some(frame))) => frame,
         };
-        let registration = match first.kind {
-            Some(pb::client_frame::Kind::Register(r)) => convert::registration_from_pb(r),
+        let registration = match first {
+            FromChild::Register(r) => r,
             other => {
                 return Err(Status::invalid_argument(format!(
                     "the first frame must be `register`, got {}",
-                    kind_name(other.as_ref())
+                    kind_name(&other)
                 )))
             }
         };
@@ -189,20 +261,20 @@ impl<H: Hub> Messenger for Adapter<H> {
         let (violation_tx, violation_rx) = oneshot::channel();
         tokio::spawn(pump_inbound(session.clone(), inbound, violation_tx));
         Ok(Response::new(AttachStream {
-            welcome: Some(convert::welcome_to_pb(&identity)),
+            welcome: Some(identity),
             outbound: session.outbound(),
             violation: Some(violation_rx),
         }))
     }
 }
 
-fn kind_name(kind: Option<&pb::client_frame::Kind>) -> &'static str {
+fn kind_name(kind: &FromChild) -> &'static str {
     match kind {
-        None => "an empty frame",
-        Some(pb::client_frame::Kind::Register(_)) => "`register`",
-        Some(pb::client_frame::Kind::Ready(_)) => "`ready`",
-        Some(pb::client_frame::Kind::Send(_)) => "`send`",
-        Some(pb::client_frame::Kind::Ack(_)) => "`ack`",
+        FromChild::Empty => "an empty frame",
+        FromChild::Register(_) => "`register`",
+        FromChild::Ready => "`ready`",
+        FromChild::Send(_) => "`send`",
+        FromChild::Ack(_) => "`ack`",
     }
 }
 
@@ -210,7 +282,7 @@ fn kind_name(kind: Option<&pb::client_frame::Kind>) -> &'static str {
 /// protocol violation ends the child's response stream with a status.
 async fn pump_inbound<S: Session>(
     session: Arc<S>,
-    mut inbound: Streaming<pb::ClientFrame>,
+    mut inbound: Streaming<FromChild>,
     violation: oneshot::Sender<Status>,
 ) {
     loop {
@@ -222,17 +294,17 @@ async fn pump_inbound<S: Session>(
                 break;
             }
         };
-        match frame.kind {
-            Some(pb::client_frame::Kind::Send(s)) => session.send(convert::send_from_pb(s)).await,
-            Some(pb::client_frame::Kind::Ready(_)) => session.ready(),
-            Some(pb::client_frame::Kind::Ack(a)) => session.ack(a.seq),
-            Some(pb::client_frame::Kind::Register(_)) => {
+        match frame {
+            FromChild::Send(s) => session.send(s).await,
+            FromChild::Ready => session.ready(),
+            FromChild::Ack(seq) => session.ack(seq),
+            FromChild::Register(_) => {
                 let _ = violation.send(Status::failed_precondition(
                     "this stream is already registered: `register` is only valid as the first frame",
                 ));
                 break;
             }
-            None => {
+            FromChild::Empty => {
                 let _ = violation.send(Status::invalid_argument(
                     "empty frame: set one of register, ready, send or ack",
                 ));
@@ -245,9 +317,9 @@ async fn pump_inbound<S: Session>(
 
 /// The response stream of `Attach`: the welcome, then the hub's frames,
 /// cut short by a status if the child breaks the protocol.
-pub struct AttachStream {
+pub(crate) struct AttachStream {
     /// Sent first, exactly once.
-    welcome: Option<pb::ServerFrame>,
+    welcome: Option<Identity>,
     /// The hub's frames for this child.
     outbound: Pin<Box<dyn Stream<Item = Outbound> + Send>>,
     /// Fires when the child broke the protocol; `None` once it has fired
@@ -256,11 +328,24 @@ pub struct AttachStream {
 }
 
 impl Stream for AttachStream {
-    type Item = Result<pb::ServerFrame, Status>;
+    type Item = Result<ToChild, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(welcome) = self.welcome.take() {
-            return Poll::Ready(Some(Ok(welcome)));
+            return Poll::Ready(Some(Ok(ToChild::Welcome(welcome))));
+        }
+        // Frames first: the violation signal is only looked at when the
+        // hub has nothing to write, which is also when a violation shows
+        // (the inbound pump detaches right after reporting one, so the
+        // hub's stream ends).
+        match self.outbound.poll_next_unpin(cx) {
+            Poll::Ready(Some(out)) => return Poll::Ready(Some(Ok(ToChild::Out(out)))),
+            Poll::Ready(None) => {
+                self.outbound = Box::pin(futures_util::stream::empty());
+                let violation = self.violation.take().and_then(|mut rx| rx.try_recv().ok());
+                return Poll::Ready(violation.map(Err));
+            }
+            Poll::Pending => {}
         }
         if let Some(rx) = self.violation.as_mut() {
             match Pin::new(rx).poll(cx) {
@@ -273,8 +358,6 @@ impl Stream for AttachStream {
                 Poll::Pending => {}
             }
         }
-        self.outbound
-            .poll_next_unpin(cx)
-            .map(|o| o.map(|out| Ok(convert::outbound_to_pb(out))))
+        Poll::Pending
     }
 }

@@ -203,8 +203,8 @@ pub struct SendRequest {
     pub id: u64,
     /// Where it goes; `None` when the route is missing or unknown.
     pub target: Option<Target>,
-    /// The action name.
-    pub action: String,
+    /// The action name, shared with the deliveries made from it.
+    pub action: Arc<str>,
     /// The payload.
     pub data: Bytes,
     /// Whether the sender wants a `SendResult` even when all went well.

@@ -104,6 +104,9 @@ pub struct Options {
     /// this directory (`BENCH_PERF_ARGS` overrides the sampling options).
     /// Figures taken this way are perturbed by the profiler.
     pub perf_dir: Option<PathBuf>,
+    /// Run only these scenarios (`fanout`, `fanin`, `rtt`, `start`, `scale`,
+    /// `python`, `large`); `None`: all of them.
+    pub scenarios: Option<Vec<String>>,
 }
 
 impl Options {
@@ -133,6 +136,7 @@ impl Options {
             quiet_wait: Duration::from_secs(1800),
             python_start: true,
             perf_dir: None,
+            scenarios: None,
         }
     }
 
@@ -162,6 +166,7 @@ impl Options {
             quiet_wait: Duration::from_secs(0),
             python_start: false,
             perf_dir: None,
+            scenarios: None,
         }
     }
 
@@ -266,8 +271,14 @@ async fn run_async(opts: &Options) -> anyhow::Result<Report> {
     let mut b = Bench {
         opts,
         programs: Programs {
-            master: PathBuf::from(MASTER),
-            child: PathBuf::from(CHILD),
+            // `BENCH_MASTER` / `BENCH_CHILD` run other builds with this
+            // harness, so an A/B comparison can alternate two versions.
+            master: std::env::var_os("BENCH_MASTER")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(MASTER)),
+            child: std::env::var_os("BENCH_CHILD")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(CHILD)),
             egg_dir: bench_dir().join("egg"),
             node: node.unwrap_or_else(|| PathBuf::from("node")),
         },
@@ -481,8 +492,28 @@ impl Flood {
 const MIB: f64 = 1024.0 * 1024.0;
 
 impl<'a> Bench<'a> {
+    /// Whether `--scenarios` selected this scenario.
+    fn wants(&self, scenario: Scenario) -> bool {
+        let name = match scenario {
+            Scenario::FanOut => "fanout",
+            Scenario::FanIn(1) => "fanin",
+            Scenario::FanIn(_) => "large",
+            Scenario::RoundTrip => "rtt",
+            Scenario::Start => "start",
+            Scenario::StartPython => "python",
+            Scenario::Scale(_) => "scale",
+        };
+        self.opts
+            .scenarios
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|s| s == name))
+    }
+
     /// Runs one scenario; a failure is recorded and the benchmark goes on.
     async fn scenario(&mut self, scenario: Scenario, sys: System, run: usize) {
+        if !self.wants(scenario) {
+            return;
+        }
         self.wait_quiet(&format!("{} {scenario:?} run {}", sys.key(), run + 1))
             .await;
         let result = match scenario {
@@ -635,8 +666,19 @@ impl<'a> Bench<'a> {
             && cluster::master_wrapper()
                 .iter()
                 .any(|a| a.contains("callgrind"));
+        // With `BENCH_CHILD` pointing at a script that runs the child under
+        // callgrind too, the children's counters are zeroed and dumped with
+        // the master's (callgrind_control ignores processes without it).
+        let children_too = std::env::var("BENCH_CALLGRIND_ALL").is_ok_and(|v| v == "1");
+        let counted: Vec<u32> = if children_too {
+            pids.clone()
+        } else {
+            vec![c.master_pid]
+        };
         if callgrind {
-            callgrind_control("-z", c.master_pid);
+            for &pid in &counted {
+                callgrind_control("-z", pid);
+            }
         }
         let t0 = std::time::Instant::now();
         for &s in senders {
@@ -652,7 +694,9 @@ impl<'a> Bench<'a> {
             stop_perf(perf);
         }
         if callgrind {
-            callgrind_control("-d", c.master_pid);
+            for &pid in &counted {
+                callgrind_control("-d", pid);
+            }
         }
         let (peak, rss_samples) = match sampler {
             Some(s) => {
@@ -1346,7 +1390,8 @@ fn callgrind_control(op: &str, pid: u32) {
         .status();
 }
 
-/// Starts `perf record` on the master; returns once it is attached.
+/// Starts `perf record` on the master (with `BENCH_PERF_WHO=all`: on the
+/// master, the agent and the apps); returns once it is attached.
 fn start_perf(dir: &Path, c: &Cluster, action: &str) -> anyhow::Result<std::process::Child> {
     std::fs::create_dir_all(dir)?;
     let out = dir.join(format!(
@@ -1357,11 +1402,20 @@ fn start_perf(dir: &Path, c: &Cluster, action: &str) -> anyhow::Result<std::proc
     ));
     let args = std::env::var("BENCH_PERF_ARGS")
         .unwrap_or_else(|_| "-F 999 --call-graph dwarf,32768".into());
+    let who = match std::env::var("BENCH_PERF_WHO").as_deref() {
+        Ok("all") => c
+            .pids()
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => c.master_pid.to_string(),
+    };
     let child = Command::new("perf")
         .arg("record")
         .args(args.split_whitespace())
         .arg("-p")
-        .arg(c.master_pid.to_string())
+        .arg(who)
         .arg("-o")
         .arg(&out)
         .stdout(std::process::Stdio::null())

@@ -898,7 +898,7 @@ impl Router {
         let req = SendRequest {
             id: 0,
             target: Some(target),
-            action,
+            action: action.into(),
             data,
             want_result: true,
         };
@@ -918,7 +918,7 @@ impl Router {
         congested: &mut Vec<SlotId>,
         out: &mut Vec<Action>,
     ) -> SendResult {
-        let action: Arc<str> = Arc::from(req.action);
+        let action: Arc<str> = req.action;
         let mut result = SendResult {
             id: req.id,
             action: action.clone(),
