@@ -459,6 +459,8 @@ impl Router {
         let s = self.slots.get(slot)?;
         if s.role != Role::App {
             Some(format!("{} is not an app worker", s.name()))
+        } else if !self.cluster_ready {
+            Some("the cluster is not ready yet".into())
         } else if self.shutting_down {
             Some("the cluster is stopping".into())
         } else if s.standby.is_some() || s.outgoing.is_some() {
@@ -1076,6 +1078,22 @@ impl Router {
                 .or_else(|| self.retired_slot(pid))
                 .map(|slot| (slot, self.overlap_lane(slot, pid)))
             {
+                // A standby is not addressable until it takes over: what is
+                // sent to the slot before must reach it first, and nobody
+                // has heard its pid yet (it is in no egg-pids).
+                Some((slot, Some(Lane::Standby))) => {
+                    let s = &self.slots[slot];
+                    return Err(Undelivered {
+                        code: Code::Unavailable,
+                        message: format!(
+                            "pid {pid} is starting to replace {} in a reload and takes messages once it has taken over",
+                            s.name()
+                        ),
+                        pid,
+                        worker_id: s.worker_id,
+                        role: Some(s.role),
+                    });
+                }
                 Some((slot, Some(lane))) => Targets::One(slot, lane),
                 // A detached process can never read again (its secret is
                 // spent): it is as gone as an exited one.

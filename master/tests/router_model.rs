@@ -7,8 +7,7 @@
 //! - routing: each send accounts for every target of its route exactly once
 //!   (delivered, held or reported), and reaches the slots Egg's table names;
 //! - ordering: per sender process → receiver process, messages arrive in
-//!   send order, without duplicates (for a promoted standby, from its
-//!   promotion on: see `World::forgive_standby_direct`);
+//!   send order, without duplicates;
 //! - the barrier: no egg-ready before every slot was ready at once, and at
 //!   most one per process incarnation;
 //! - no loss: with room in every mailbox, every accepted message is handled
@@ -30,8 +29,8 @@
 //! - ended streams: told to end, given nothing, and their late events
 //!   change nothing.
 //!
-//! Router issues found by these tests are kept at the end of the file as
-//! `#[ignore]`d failing cases (`cargo test -- --ignored`).
+//! Router issues these tests found are kept at the end of the file as
+//! regression cases.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
@@ -218,15 +217,6 @@ struct World {
     /// Processes acknowledge everything they drained before they exit or
     /// hang up, and always register as acknowledging.
     graceful: bool,
-    /// Known router issue (see the ignored test
-    /// `direct_messages_to_a_standby_overtake_the_slots_earlier_messages`):
-    /// a `sendTo` a standby's pid reaches it before the same sender's
-    /// earlier messages to the slot, which follow it only at its
-    /// promotion. When set, the standby reads what is queued for it before
-    /// it says it is ready, and the per-process order check forgets what
-    /// it received before its promotion (the per-slot check still covers
-    /// the slot's messages across the switch).
-    forgive_standby_direct: bool,
     bound: usize,
     out: Vec<Action>,
 }
@@ -265,7 +255,6 @@ impl World {
             reported: HashSet::new(),
             cluster_ready: false,
             graceful,
-            forgive_standby_direct: true,
             bound: mailbox_messages,
             out: Vec::new(),
         };
@@ -386,9 +375,6 @@ impl World {
         let Some(conn) = self.conn(who) else { return };
         let slot = who.slot();
         let kind = self.proc(who).map(|p| p.kind);
-        if kind == Some(Kind::Standby) && self.forgive_standby_direct {
-            self.drain(who, usize::MAX);
-        }
         self.router.ready(conn, &mut self.out);
         match kind {
             Some(Kind::Current) => {
@@ -428,9 +414,6 @@ impl World {
         );
         new.kind = Kind::Current;
         new.ready = true;
-        if self.forgive_standby_direct {
-            new.last_from.clear();
-        }
         let mut old = std::mem::replace(&mut self.procs[slot], new);
         if old.alive && old.attached {
             old.kind = Kind::Outgoing;
@@ -469,10 +452,17 @@ impl World {
                 let (pid, t) = pinned_to(Some(&self.procs[s]), s).expect("a process");
                 (Target::Pid(pid), t, false, true)
             }
-            To::PidOfExtra(s) => match pinned_to(self.extra[s].as_ref(), s) {
-                Some((pid, t)) => (Target::Pid(pid), t, false, true),
-                None => return,
-            },
+            // A standby is not addressable until it takes over: refused
+            // (UNAVAILABLE), so it never gets a message ahead of the slot's.
+            To::PidOfExtra(s) => {
+                match (pinned_to(self.extra[s].as_ref(), s), self.extra[s].as_ref()) {
+                    (Some((pid, _)), Some(p)) if p.kind == Kind::Standby => {
+                        (Target::Pid(pid), BTreeSet::new(), false, true)
+                    }
+                    (Some((pid, t)), _) => (Target::Pid(pid), t, false, true),
+                    (None, _) => return,
+                }
+            }
             To::Bogus => (Target::Pid(7), BTreeSet::new(), false, true),
         };
         let id = self.next_id;
@@ -606,6 +596,13 @@ impl World {
                 }
                 for u in &r.undelivered {
                     if sent.pinned && u.code == Code::NotFound {
+                        self.reported.insert(r.id);
+                    }
+                    if sent.pinned && sent.targets.is_empty() && u.code == Code::Unavailable {
+                        assert!(
+                            u.message.contains("takes messages once it has taken over"),
+                            "a sendTo a standby was refused for another reason: {u:?}"
+                        );
                         self.reported.insert(r.id);
                     }
                     if sent.random && sent.targets.is_empty() {
@@ -1077,11 +1074,9 @@ proptest! {
 }
 
 /// Runs `ops` on a cluster that is up (every process registered without
-/// acknowledgements, and ready), with the model's workaround for the
-/// standby's direct messages off.
+/// acknowledgements, and ready).
 fn strict(mailbox_messages: usize, ops: &[Op]) -> World {
     let mut w = World::new(mailbox_messages, false);
-    w.forgive_standby_direct = false;
     w.boot([false; SLOTS]);
     for op in ops {
         w.apply(op);
@@ -1089,59 +1084,32 @@ fn strict(mailbox_messages: usize, ops: &[Op]) -> World {
     w
 }
 
-/// ROUTER BUG (kept failing on purpose; `cargo test -- --ignored`): a
-/// message to a slot that its old process had not been written yet is
-/// handed to the standby at its promotion *behind* what was queued for the
-/// standby itself, so a `sendTo(standby pid)` overtakes the same sender's
-/// earlier message to the slot: the new process gets 2 before 1 from the
-/// agent, against per sender → receiver order (and the module doc's "each
-/// sender's messages still arrive in order across the switch").
+/// Found by these tests: a `sendTo(standby pid)` queued for the standby
+/// went ahead of the same sender's earlier message to the slot, which was
+/// handed to the standby only at its promotion (2 before 1 from the agent).
+/// A standby is not addressable now: the send is refused (UNAVAILABLE, which
+/// the model checks), and the slot's messages come first, in order.
 #[test]
-#[ignore = "router bug: a direct message to a standby overtakes its sender's earlier slot message"]
-fn direct_messages_to_a_standby_overtake_the_slots_earlier_messages() {
+fn a_send_to_a_standby_is_refused_so_it_cannot_overtake_the_slots_messages() {
     strict(
         100_000,
         &[
             Op::Send(Who::Cur(AGENT), To::Broadcast), // 1, queued for app 3's old process
             Op::Reload(3),
-            Op::Send(Who::Cur(AGENT), To::PidOfExtra(3)), // 2, to the standby
+            Op::Send(Who::Cur(AGENT), To::PidOfExtra(3)), // 2, to the standby: refused
             Op::Register(Who::Extra(3), false),
-            Op::Ready(Who::Extra(3)),   // promoted: its queue is [2, …, 1]
-            Op::Drain(Who::Cur(3), 10), // panics: message 1 after 2
+            Op::Drain(Who::Extra(3), 10),
+            Op::Ready(Who::Extra(3)),   // promoted
+            Op::Drain(Who::Cur(3), 10), // gets 1
         ],
     );
 }
 
-/// ROUTER BUG, same cause, when the standby reads its direct message before
-/// it says it is ready (as a live stream would): 2 reaches the new process
-/// as a standby, 1 reaches it after its promotion. Reordering the queue at
-/// the promotion cannot fix this one; the standby's direct messages would
-/// have to wait until the slot's earlier messages are written to it.
+/// Found by these tests: the standby's own messages plus the queue handed
+/// over at its promotion could hold twice the bound in one mailbox, and
+/// the slot three times. With a standby unaddressable, each mailbox stays
+/// within its bound and the slot within twice it.
 #[test]
-#[ignore = "router bug: a direct message to a standby overtakes its sender's earlier slot message"]
-fn a_standby_reads_a_direct_message_before_the_slots_earlier_messages() {
-    strict(
-        100_000,
-        &[
-            Op::Send(Who::Cur(AGENT), To::Broadcast), // 1
-            Op::Reload(3),
-            Op::Send(Who::Cur(AGENT), To::PidOfExtra(3)), // 2
-            Op::Register(Who::Extra(3), false),
-            Op::Drain(Who::Extra(3), 10), // the standby reads 2
-            Op::Ready(Who::Extra(3)),
-            Op::Drain(Who::Cur(3), 10), // panics: message 1 after 2
-        ],
-    );
-}
-
-/// ROUTER BUG (bounds): at a promotion the standby's mailbox, holding up to
-/// a full bound of `sendTo(standby pid)` messages, also takes every message
-/// still queued for the slot, and the outgoing process's mailbox then takes
-/// a full bound of `sendTo(old pid)` messages of its own: with a bound of 3
-/// the new process's mailbox holds 6 messages and the slot 9, past "each
-/// mailbox has the bounds, the slot at most twice them" (mailbox.rs).
-#[test]
-#[ignore = "router bug: after a promotion the new mailbox holds twice its bound and the slot three times"]
 fn a_promotion_keeps_each_mailbox_within_its_bound() {
     const BOUND: usize = 3;
     let mut ops = vec![Op::Reload(1)];
