@@ -13,9 +13,12 @@
 //!   the router reports it to the sender as RESOURCE_EXHAUSTED, counts it and
 //!   logs it. Nothing already queued is displaced.
 //! - during a reload's handover a slot has two mailboxes for a moment: the
-//!   outgoing process's (what it has not acknowledged) and the new one's.
-//!   Each has the bounds above, so the slot holds at most twice them; the
-//!   new one's is not written to until the old one's unacked are done.
+//!   outgoing process's (what it has not acknowledged, and what is sent to
+//!   its pid) and the new one's. Each refuses past the bounds above, so the
+//!   slot holds at most twice them; when the old process leaves, what it
+//!   gave back joins the new one's (which then refuses new messages until
+//!   it is back under its bound). The new one's is not written to until the
+//!   old one's unacked are done.
 //! - control frames (egg-ready, egg-pids, send results…) have their own small
 //!   bound, so a child that floods bad sends and never reads cannot grow the
 //!   master either. Past it a control frame is dropped and counted.
