@@ -1299,7 +1299,7 @@ impl<'a> Bench<'a> {
             &self.rec,
             &format!("start_ms_python_w{}", o.start_workers),
             format!(
-                "start to egg-ready, {} Python app workers (examples/python, work in progress) + Rust agent",
+                "start to egg-ready, {} Python app workers (examples/python) + Rust agent",
                 o.start_workers
             ),
             Unit::Millis,
