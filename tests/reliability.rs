@@ -967,7 +967,8 @@ async fn a_thousand_streams_that_never_register_are_capped_and_timed_out() {
 
 // ---- slow and stuck consumers ------------------------------------------------------------
 
-/// The default per-slot mailbox bound, in messages.
+/// The per-slot mailbox bound, in messages, of the stuck-consumer floods
+/// (set in their config, so the test does not depend on the default).
 const MAILBOX: u64 = 16384;
 
 /// How many messages the stuck-consumer flood sends (`CLUTCH_FLOOD`).
@@ -1123,7 +1124,9 @@ async fn stuck_flood(n: u64, strict: bool) {
             .env("PROBE_TALLY_ACTIONS", "warm,flood")
             .env("PROBE_STUCK_WORKER", "2")
             .env("PROBE_STUCK_ACTION", "flood")
-            .toml(&format!("[admin]\ntoken = \"{ADMIN_TOKEN}\""))
+            .toml(&format!(
+                "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[limits]\nmailbox_messages = {MAILBOX}"
+            ))
             // The stuck worker never answers the shutdown notice: do not
             // make the end of the test wait for it.
             .toml("[timeouts]\nshutdown_ms = 200"),
@@ -2158,7 +2161,11 @@ async fn a_reload_during_a_flood_hands_each_slot_over_without_loss_repeat_or_reo
             .env("PROBE_TALLY_ACTIONS", "flood")
             .env("PROBE_SLOW_WORKER", "1")
             .env("PROBE_SLOW_US", &SLOW_US.to_string())
-            .toml(&format!("[admin]\ntoken = \"{ADMIN_TOKEN}\"")),
+            // A mailbox well below the flood, so flow control paces the
+            // whole flood to app 1 and both switches happen mid-flood.
+            .toml(&format!(
+                "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[limits]\nmailbox_messages = 4096"
+            )),
     )
     .await;
     let addr = c.addr().await;

@@ -69,7 +69,11 @@ impl Default for Limits {
             max_action_bytes: 256,
             max_payload_bytes: 1 << 20,
             mailbox: Bounds {
-                messages: 16 * 1024,
+                // Large enough to cover what is in flight to an
+                // acknowledging child (it counts until acked) with room to
+                // spare: 64 Ki measured +13% fan-out and fan-in over 16 Ki.
+                // Memory is bounded by `bytes` either way.
+                messages: 64 * 1024,
                 bytes: 16 << 20,
             },
         }
