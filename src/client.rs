@@ -24,6 +24,7 @@ use tonic::transport::Endpoint;
 use tonic::Streaming;
 
 use crate::convert::{self, ActionText, ClientCodec, Inbound, ToMaster};
+use crate::send_queue::{self, TrySendError};
 use crate::types::{Code, Identity, Origin, Outbound, Role, SendResult, Target, Undelivered};
 
 /// The action name under which `egg-ready` reaches `on` handlers.
@@ -258,7 +259,7 @@ struct Inner {
     /// Who the master says we are.
     identity: Identity,
     /// Frames to the master; bounded, so a fast sender waits for the socket.
-    frames: mpsc::Sender<Queued>,
+    frames: send_queue::Sender<Queued>,
     /// Send ids, unique per client.
     next_id: AtomicU64,
     /// Sends waiting for their result, by id.
@@ -322,7 +323,7 @@ impl Client {
     pub async fn connect(opts: ConnectOptions) -> Result<Client, ConnectError> {
         let channel = dial(&opts.addr).await?;
         let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(usize::MAX);
-        let (frames, rx) = mpsc::channel(opts.send_buffer.max(1));
+        let (frames, rx) = send_queue::channel(opts.send_buffer);
         // The master answers the call only after it has read the register
         // frame, so the frame must be queued before the call is awaited.
         frames
@@ -616,13 +617,13 @@ impl Client {
         // to build and poll.
         match self.inner.frames.try_send(Queued::Frame(frame)) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(frame)) => self
+            Err(TrySendError::Full(frame)) => self
                 .inner
                 .frames
                 .send(frame)
                 .await
                 .map_err(|_| SendError::Disconnected),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Disconnected),
+            Err(TrySendError::Closed(_)) => Err(SendError::Disconnected),
         }
     }
 }
@@ -880,7 +881,7 @@ enum Queued {
 /// The request stream: queued frames, in order, until `Close`; then what
 /// is still queued, then the end of the stream.
 struct Outgoing {
-    rx: mpsc::Receiver<Queued>,
+    rx: send_queue::Receiver<Queued>,
     draining: bool,
 }
 
@@ -894,7 +895,7 @@ impl Stream for Outgoing {
         use std::task::Poll;
         loop {
             let next = if self.draining {
-                self.rx.try_recv().ok()
+                self.rx.try_recv()
             } else {
                 match self.rx.poll_recv(cx) {
                     Poll::Ready(next) => next,

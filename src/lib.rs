@@ -15,7 +15,8 @@
 //!   implements;
 //! - [`client`]: the child side, the core that `agent-sdk` and `worker-sdk`
 //!   wrap;
-//! - `convert` (private): wire ⇄ domain conversions.
+//! - `convert` (private): wire ⇄ domain conversions;
+//! - `send_queue` (private): the client's bounded queue of frames to write.
 //!
 //! The wire format is `proto/clutch/v1/messenger.proto`.
 
@@ -26,6 +27,7 @@ pub mod admin;
 pub mod client;
 mod convert;
 pub mod env;
+mod send_queue;
 pub mod server;
 pub mod types;
 

@@ -2178,10 +2178,33 @@ async fn a_reload_during_a_flood_hands_each_slot_over_without_loss_repeat_or_reo
         .count(N)
         .seq()
         .emit();
-    let (_, reloaded) = tokio::join!(
-        c.send_ok(AGENT, flood),
+    let flood_id = c.send(AGENT, &flood).await;
+    // The reload starts once app 1's old process has handled part of the
+    // flood, so the switch is mid-flood however the machine schedules the
+    // agent's flood against the standby's start (app 1 needs SLOW_US per
+    // message, so most of the flood is still to come).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let tally = c.tally_pid(old[0]).await;
+        if series(&tally, "flood", agent)["count"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+        {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            c.fail("app 1's old process got no flood message within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let (reports, reloaded) = tokio::join!(
+        c.sent(AGENT, flood_id, 1),
         raw::admin_reload(&channel, ADMIN_TOKEN)
     );
+    if let Some(bad) = reports.iter().find(|r| r["ok"] != true) {
+        c.fail(&format!("the flood failed: {bad}"));
+    }
     let replaced = match reloaded {
         Ok(replaced) => replaced,
         Err(status) => c.fail(&format!("Admin.Reload failed: {status:?}")),
