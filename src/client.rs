@@ -67,7 +67,9 @@ pub struct ConnectOptions {
     /// slot's next process whatever this one had not handled when it died.
     /// On by default.
     pub acks: bool,
-    /// Frames that may wait to be written to the master before a send waits.
+    /// Frames that may wait to be written to the master before a send waits
+    /// (at least 1). The batch the request stream is encoding is held
+    /// besides, so at most twice this many frames are in the process.
     pub send_buffer: usize,
 }
 
