@@ -15,13 +15,14 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tokio::sync::oneshot;
 use tonic::codegen::{http, Body as HttpBody, BoxFuture, StdError};
 use tonic::server::NamedService;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Status, Streaming};
 
-use crate::convert::{FromChild, ServerCodec, ToChild};
+use crate::convert::{FromChild, ServerDecoder, ServerFrames};
 use crate::types::{Identity, Outbound, RegisterError, Registration, SendRequest};
 
 /// The routing core the adapter hands attached children to.
@@ -37,9 +38,10 @@ pub trait Hub: Send + Sync + 'static {
 
 /// One attached child, as seen by the adapter.
 pub trait Session: Send + Sync + 'static {
-    /// The frames for this child, in order. It ends when the child is
-    /// detached or the master closes the stream.
-    fn outbound(&self) -> Pin<Box<dyn Stream<Item = Outbound> + Send>>;
+    /// The frames for this child, in order, encoded by a [`FrameWriter`]
+    /// in chunks of many frames when many are waiting. It ends when the
+    /// child is detached or the master closes the stream.
+    fn outbound(&self) -> Pin<Box<dyn Stream<Item = Frames> + Send>>;
     /// The child declared itself ready.
     fn ready(&self);
     /// The child asks to route a message. The returned future completes when
@@ -61,6 +63,46 @@ pub struct PendingLimits {
     /// How many streams may wait for their register frame at once; past it
     /// the one that has waited longest is ended with RESOURCE_EXHAUSTED.
     pub max_pending: usize,
+}
+
+/// Encoded frames for one child: a chunk of its `Attach` response body.
+/// Only a [`FrameWriter`] makes them, so whatever a hub sends is well formed.
+#[derive(Debug)]
+pub struct Frames(Bytes);
+
+/// Encodes a child's frames into chunks of its response body. The hub
+/// writes frames into it straight from its mailboxes (no per-frame copy of
+/// the message, no per-frame stream item) until it has no room, then takes
+/// the chunk.
+#[derive(Debug)]
+pub struct FrameWriter(ServerFrames);
+
+impl Default for FrameWriter {
+    fn default() -> Self {
+        FrameWriter(ServerFrames::new())
+    }
+}
+
+impl FrameWriter {
+    /// Encodes `frame` at the end of the chunk.
+    pub fn put(&mut self, frame: &Outbound) {
+        self.0.outbound(frame);
+    }
+
+    /// Whether the chunk has room for more (it holds less than 32 KiB).
+    pub fn has_room(&self) -> bool {
+        self.0.has_room()
+    }
+
+    /// Whether nothing has been written since the last [`FrameWriter::take`].
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The chunk written so far; the writer starts a new one.
+    pub fn take(&mut self) -> Frames {
+        Frames(self.0.take())
+    }
 }
 
 /// The tonic service for [`Hub`]; add it to a `tonic::transport::Server`.
@@ -91,20 +133,6 @@ impl<H> Clone for MessengerService<H> {
 
 impl<H> NamedService for MessengerService<H> {
     const NAME: &'static str = "clutch.v1.Messenger";
-}
-
-/// The one method, as tonic's streaming handler.
-struct AttachSvc<H>(Arc<Adapter<H>>);
-
-impl<H: Hub> tonic::server::StreamingService<FromChild> for AttachSvc<H> {
-    type Response = ToChild;
-    type ResponseStream = AttachStream;
-    type Future = BoxFuture<Response<AttachStream>, Status>;
-
-    fn call(&mut self, request: Request<Streaming<FromChild>>) -> Self::Future {
-        let adapter = self.0.clone();
-        Box::pin(async move { adapter.attach(request).await })
-    }
 }
 
 impl<H, B> tower::Service<http::Request<B>> for MessengerService<H>
@@ -141,10 +169,25 @@ where
         Box::pin(async move {
             // The hub enforces its own payload limit with a precise error;
             // tonic's default of 4 MiB would otherwise cut the stream with a
-            // vaguer one.
-            let mut grpc = tonic::server::Grpc::new(ServerCodec)
-                .apply_max_message_size_config(Some(usize::MAX), None);
-            Ok(grpc.streaming(AttachSvc(adapter), req).await)
+            // vaguer one. No compression is offered, so none is accepted.
+            let inbound = Streaming::new_request(
+                ServerDecoder::default(),
+                req.into_body(),
+                None,
+                Some(usize::MAX),
+            );
+            Ok(match adapter.attach(inbound).await {
+                Ok(body) => {
+                    let mut response = http::Response::new(tonic::body::Body::new(body));
+                    response.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        tonic::metadata::GRPC_CONTENT_TYPE,
+                    );
+                    response
+                }
+                // A refusal is a trailers-only response, as tonic makes it.
+                Err(status) => status.into_http(),
+            })
         })
     }
 }
@@ -210,11 +253,7 @@ impl Drop for Ticket {
 }
 
 impl<H: Hub> Adapter<H> {
-    async fn attach(
-        &self,
-        request: Request<Streaming<FromChild>>,
-    ) -> Result<Response<AttachStream>, Status> {
-        let mut inbound = request.into_inner();
+    async fn attach(&self, mut inbound: Streaming<FromChild>) -> Result<AttachBody, Status> {
         // At the cap, the stream that has waited longest makes room: a real
         // child registers within milliseconds, so only silent streams are
         // evicted, and silent streams can never lock children out.
@@ -260,11 +299,12 @@ impl<H: Hub> Adapter<H> {
         let session = Arc::new(session);
         let (violation_tx, violation_rx) = oneshot::channel();
         tokio::spawn(pump_inbound(session.clone(), inbound, violation_tx));
-        Ok(Response::new(AttachStream {
+        Ok(AttachBody {
             welcome: Some(identity),
             outbound: session.outbound(),
             violation: Some(violation_rx),
-        }))
+            done: false,
+        })
     }
 }
 
@@ -315,35 +355,69 @@ async fn pump_inbound<S: Session>(
     session.detach();
 }
 
-/// The response stream of `Attach`: the welcome, then the hub's frames,
-/// cut short by a status if the child breaks the protocol.
-pub(crate) struct AttachStream {
+/// The response body of `Attach`: the welcome, then the hub's frames, then
+/// the trailers — `OK` when the hub ends the stream, or the status of the
+/// child's protocol violation.
+pub(crate) struct AttachBody {
     /// Sent first, exactly once.
     welcome: Option<Identity>,
     /// The hub's frames for this child.
-    outbound: Pin<Box<dyn Stream<Item = Outbound> + Send>>,
+    outbound: Pin<Box<dyn Stream<Item = Frames> + Send>>,
     /// Fires when the child broke the protocol; `None` once it has fired
     /// or once the inbound side ended without a violation.
     violation: Option<oneshot::Receiver<Status>>,
+    /// The trailers have been sent.
+    done: bool,
 }
 
-impl Stream for AttachStream {
-    type Item = Result<ToChild, Status>;
+impl AttachBody {
+    fn end(&mut self, status: Option<Status>) -> http_body::Frame<Bytes> {
+        self.done = true;
+        let trailers = match status {
+            // A status's headers as tonic writes them, without the content
+            // type (that belongs to the response head).
+            Some(status) => {
+                let mut headers = status.into_http::<()>().into_parts().0.headers;
+                headers.remove(http::header::CONTENT_TYPE);
+                headers
+            }
+            None => {
+                let mut headers = http::HeaderMap::with_capacity(1);
+                headers.insert(Status::GRPC_STATUS, http::HeaderValue::from_static("0"));
+                headers
+            }
+        };
+        http_body::Frame::trailers(trailers)
+    }
+}
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+impl http_body::Body for AttachBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
         if let Some(welcome) = self.welcome.take() {
-            return Poll::Ready(Some(Ok(ToChild::Welcome(welcome))));
+            let mut first = ServerFrames::new();
+            first.welcome(&welcome);
+            return Poll::Ready(Some(Ok(http_body::Frame::data(first.take()))));
         }
         // Frames first: the violation signal is only looked at when the
         // hub has nothing to write, which is also when a violation shows
         // (the inbound pump detaches right after reporting one, so the
         // hub's stream ends).
         match self.outbound.poll_next_unpin(cx) {
-            Poll::Ready(Some(out)) => return Poll::Ready(Some(Ok(ToChild::Out(out)))),
+            Poll::Ready(Some(Frames(chunk))) => {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
+            }
             Poll::Ready(None) => {
-                self.outbound = Box::pin(futures_util::stream::empty());
                 let violation = self.violation.take().and_then(|mut rx| rx.try_recv().ok());
-                return Poll::Ready(violation.map(Err));
+                return Poll::Ready(Some(Ok(self.end(violation))));
             }
             Poll::Pending => {}
         }
@@ -351,13 +425,16 @@ impl Stream for AttachStream {
             match Pin::new(rx).poll(cx) {
                 Poll::Ready(Ok(status)) => {
                     self.violation = None;
-                    self.outbound = Box::pin(futures_util::stream::empty());
-                    return Poll::Ready(Some(Err(status)));
+                    return Poll::Ready(Some(Ok(self.end(Some(status)))));
                 }
                 Poll::Ready(Err(_)) => self.violation = None,
                 Poll::Pending => {}
             }
         }
         Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
     }
 }

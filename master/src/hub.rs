@@ -5,23 +5,23 @@
 //! senders held by flow control, and handing lifecycle decisions to the
 //! cluster loop. It implements the protocol layer's `Hub` and `Session`.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use clutch::server::{Hub as ProtocolHub, Session as ProtocolSession};
+use clutch::server::{FrameWriter, Frames, Hub as ProtocolHub, Session as ProtocolSession};
 use clutch::types::{RegisterError, SendRequest};
-use clutch::{Identity, Outbound, Registration};
+use clutch::{Identity, Registration};
 use futures_util::Stream;
 use tokio::sync::{mpsc, Notify};
 
 use crate::router::{Action, Conn, Router, SlotId};
 
-/// Frames moved from a mailbox per lock: amortises the lock over a batch
-/// while keeping the latency of the first frame low.
-const DRAIN_BATCH: usize = 256;
+/// Frames written from a mailbox per lock, at most: a whole response body
+/// chunk (32 KiB) is written under one lock, which amortises it over a
+/// batch; this bounds the lock's hold when frames are tiny.
+const DRAIN_BATCH: usize = 1024;
 
 /// Lifecycle decisions for the cluster loop.
 ///
@@ -184,40 +184,40 @@ pub struct Session {
 }
 
 impl ProtocolSession for Session {
-    fn outbound(&self) -> Pin<Box<dyn Stream<Item = Outbound> + Send>> {
-        let state = (
-            self.shared.clone(),
-            self.conn,
-            VecDeque::with_capacity(DRAIN_BATCH),
-        );
+    fn outbound(&self) -> Pin<Box<dyn Stream<Item = Frames> + Send>> {
+        // Frames are encoded straight from the mailbox under the router's
+        // lock (uncontended: the master runs on one thread) into a chunk
+        // of the response body, which is handed out whole.
+        let state = (self.shared.clone(), self.conn, FrameWriter::default());
         Box::pin(futures_util::stream::unfold(
             state,
-            |(shared, conn, mut buf)| async move {
-                loop {
-                    if let Some(frame) = buf.pop_front() {
-                        return Some((frame, (shared, conn, buf)));
-                    }
-                    let drain = |buf: &mut VecDeque<Outbound>| {
-                        shared.with_router(|r, out| r.drain(conn, buf, DRAIN_BATCH, out))
-                    };
-                    if !drain(&mut buf) {
-                        return None;
-                    }
-                    if buf.is_empty() {
-                        // Nothing now: register interest, then look once
-                        // more, so a frame queued in between is not missed
-                        // (`notify_waiters` keeps no permit).
+            |(shared, conn, mut chunk)| async move {
+                let drain = |chunk: &mut FrameWriter| {
+                    shared.with_router(|r, out| r.drain(conn, chunk, DRAIN_BATCH, out))
+                };
+                let mut open = drain(&mut chunk);
+                if chunk.is_empty() && open {
+                    // Nothing now: register interest, then look once more,
+                    // so a frame queued in between is not missed
+                    // (`notify_waiters` keeps no permit).
+                    loop {
                         let woken = shared.wake[conn.slot].notified();
                         tokio::pin!(woken);
                         woken.as_mut().enable();
-                        if !drain(&mut buf) {
-                            return None;
+                        open = drain(&mut chunk);
+                        if !chunk.is_empty() || !open {
+                            break;
                         }
-                        if buf.is_empty() {
-                            woken.await;
-                        }
+                        woken.await;
                     }
                 }
+                // What was written before the stream was told to end still
+                // goes out; the next round ends it.
+                if chunk.is_empty() {
+                    return None;
+                }
+                let frames = chunk.take();
+                Some((frames, (shared, conn, chunk)))
             },
         ))
     }

@@ -28,6 +28,36 @@ use std::sync::Arc;
 
 use clutch::Outbound;
 
+/// Where a drained frame goes: the child's stream encoder in the master
+/// ([`clutch::server::FrameWriter`]), a plain queue in tests.
+///
+/// The sink only reads the frame: a message that stays in the mailbox as
+/// unacked is not copied for the writing.
+pub trait FrameSink {
+    /// Takes `frame` (encodes it, or keeps a copy).
+    fn put(&mut self, frame: &Outbound);
+    /// Whether it takes more now.
+    fn has_room(&self) -> bool;
+}
+
+impl FrameSink for clutch::server::FrameWriter {
+    fn put(&mut self, frame: &Outbound) {
+        clutch::server::FrameWriter::put(self, frame);
+    }
+    fn has_room(&self) -> bool {
+        clutch::server::FrameWriter::has_room(self)
+    }
+}
+
+impl FrameSink for VecDeque<Outbound> {
+    fn put(&mut self, frame: &Outbound) {
+        self.push_back(frame.clone());
+    }
+    fn has_room(&self) -> bool {
+        true
+    }
+}
+
 /// Control frames a mailbox accepts beyond its message bounds.
 pub const CONTROL_CAPACITY: usize = 1024;
 
@@ -184,13 +214,15 @@ impl Mailbox {
         Ok(())
     }
 
-    /// Moves up to `max` frames, oldest first, into `out`. Each message gets
-    /// the next sequence number as it is written (so a message handed over
-    /// from another mailbox, or written again to a slot's next process,
-    /// still arrives in ascending order). With `keep`, messages are also
-    /// kept as unacked until [`Mailbox::ack`].
-    pub fn drain_into(&mut self, out: &mut VecDeque<Outbound>, max: usize, keep: bool) {
-        for _ in 0..max {
+    /// Writes up to `max` frames, oldest first, into `out` while it has
+    /// room; returns how many. Each message gets the next sequence number
+    /// as it is written (so a message handed over from another mailbox, or
+    /// written again to a slot's next process, still arrives in ascending
+    /// order). With `keep`, messages are also kept as unacked until
+    /// [`Mailbox::ack`].
+    pub fn drain_into(&mut self, out: &mut impl FrameSink, max: usize, keep: bool) -> usize {
+        let mut written = 0;
+        while written < max && out.has_room() {
             let Some(mut entry) = self.queue.pop_front() else {
                 break;
             };
@@ -198,32 +230,33 @@ impl Mailbox {
                 self.seq += 1;
                 *seq = self.seq;
             }
+            out.put(&entry.frame);
+            written += 1;
             match size(&entry.frame) {
-                Some(_) if keep => {
-                    out.push_back(entry.frame.clone());
-                    self.unacked.push_back(entry);
-                }
+                Some(_) if keep => self.unacked.push_back(entry),
                 Some(bytes) => {
                     self.messages -= 1;
                     self.bytes -= bytes;
-                    out.push_back(entry.frame);
                 }
-                None => out.push_back(entry.frame),
+                None => {}
             }
         }
+        written
     }
 
-    /// Moves up to `max` control frames from the head of the queue, up to
+    /// Writes up to `max` control frames from the head of the queue, up to
     /// the first message, into `out`: what may be written while messages
     /// must wait.
-    pub fn drain_controls_into(&mut self, out: &mut VecDeque<Outbound>, max: usize) {
-        for _ in 0..max {
+    pub fn drain_controls_into(&mut self, out: &mut impl FrameSink, max: usize) {
+        let mut written = 0;
+        while written < max && out.has_room() {
             match self.queue.front() {
                 Some(entry) if size(&entry.frame).is_none() => {}
                 _ => break,
             }
             if let Some(entry) = self.queue.pop_front() {
-                out.push_back(entry.frame);
+                out.put(&entry.frame);
+                written += 1;
             }
         }
     }

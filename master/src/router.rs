@@ -33,7 +33,7 @@ use clutch::{
 };
 
 use crate::mailbox::{
-    Bounds, Full, Mailbox, Place, Refused, ReplyTo, Undeliverable, CONTROL_CAPACITY,
+    Bounds, FrameSink, Full, Mailbox, Place, Refused, ReplyTo, Undeliverable, CONTROL_CAPACITY,
 };
 
 /// A slot's index: 0 is the agent, `n` is app worker `n`.
@@ -1346,12 +1346,13 @@ impl Router {
         pids
     }
 
-    /// Moves up to `max` frames for `conn` into `buf`. Returns false when the
-    /// stream must end (the incarnation is gone or detached).
+    /// Writes up to `max` frames for `conn` into `buf`, while it has room.
+    /// Returns false when the stream must end (the incarnation is gone or
+    /// detached).
     pub fn drain(
         &mut self,
         conn: Conn,
-        buf: &mut VecDeque<Outbound>,
+        buf: &mut impl FrameSink,
         max: usize,
         out: &mut Vec<Action>,
     ) -> bool {
@@ -1381,9 +1382,8 @@ impl Router {
             s.mailbox.drain_controls_into(buf, max);
             return true;
         }
-        let before = buf.len();
-        s.mailbox.drain_into(buf, max, acks);
-        s.progress += (buf.len() - before) as u64;
+        let written = s.mailbox.drain_into(buf, max, acks);
+        s.progress += written as u64;
         self.relieve(conn.slot, low, out);
         true
     }
