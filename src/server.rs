@@ -44,10 +44,11 @@ pub trait Session: Send + Sync + 'static {
     fn outbound(&self) -> Pin<Box<dyn Stream<Item = Frames> + Send>>;
     /// The child declared itself ready.
     fn ready(&self);
-    /// The child asks to route a message. The returned future completes when
-    /// the adapter may read the child's next frame: this is where the hub
-    /// applies flow control to a flooding sender.
-    fn send(&self, request: SendRequest) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// The child asks to route a message. A returned future must complete
+    /// before the adapter reads the child's next frame: this is where the
+    /// hub applies flow control to a flooding sender. `None` (the usual
+    /// case) reads on at once, with nothing allocated for the message.
+    fn send(&self, request: SendRequest) -> Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>>;
     /// The child has handled every message up to `seq`.
     fn ack(&self, seq: u64);
     /// The child's inbound stream ended (cleanly or not).
@@ -335,7 +336,11 @@ async fn pump_inbound<S: Session>(
             }
         };
         match frame {
-            FromChild::Send(s) => session.send(s).await,
+            FromChild::Send(s) => {
+                if let Some(paced) = session.send(s) {
+                    paced.await;
+                }
+            }
             FromChild::Ready => session.ready(),
             FromChild::Ack(seq) => session.ack(seq),
             FromChild::Register(_) => {

@@ -227,15 +227,18 @@ impl ProtocolSession for Session {
         self.shared.with_router(|r, out| r.ready(self.conn, out));
     }
 
-    fn send(&self, request: SendRequest) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(async move {
-            let congested = self
-                .shared
-                .with_router(|r, out| r.send(self.conn, request, out));
+    fn send(&self, request: SendRequest) -> Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> {
+        let congested = self
+            .shared
+            .with_router(|r, out| r.send(self.conn, request, out));
+        if congested.is_empty() {
+            return None;
+        }
+        Some(Box::pin(async move {
             for slot in congested {
                 self.shared.wait_for_room(slot).await;
             }
-        })
+        }))
     }
 
     fn ack(&self, seq: u64) {

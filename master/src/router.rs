@@ -924,16 +924,13 @@ impl Router {
         congested: &mut Vec<SlotId>,
         out: &mut Vec<Action>,
     ) -> SendResult {
+        // The action goes into the result at the end (no extra reference
+        // count per message), and the delivery is moved, not copied, into
+        // the last of its targets.
         let action: Arc<str> = req.action;
-        let mut result = SendResult {
-            id: req.id,
-            action: action.clone(),
-            delivered: 0,
-            held: 0,
-            undelivered: Vec::new(),
-        };
+        let (mut delivered, mut held, mut undelivered) = (0, 0, Vec::new());
         match self.check(&action, &req.data, req.target, from.role) {
-            Err(u) => result.undelivered.push(u),
+            Err(u) => undelivered.push(u),
             Ok(targets) => {
                 let delivery = Delivery {
                     action: action.clone(),
@@ -949,26 +946,31 @@ impl Router {
                     Some(Target::Pid(pid)) => Some(pid),
                     _ => None,
                 };
-                for (slot, lane) in targets {
+                let mut delivery = Some(delivery);
+                let mut targets = targets.peekable();
+                while let Some((slot, lane)) = targets.next() {
+                    let copy = if targets.peek().is_none() {
+                        delivery.take()
+                    } else {
+                        delivery.clone()
+                    };
+                    let Some(delivery) = copy else { break };
                     if lane != Lane::Current {
                         // A `sendTo` the pid of a reload's extra process:
                         // it is that process's alone, outside flow control
                         // (bounded by its mailbox).
-                        let frame = Outbound::Message {
-                            seq: 0,
-                            delivery: delivery.clone(),
-                        };
+                        let frame = Outbound::Message { seq: 0, delivery };
                         let attached = self.slots[slot].lane(lane).is_some_and(|(_, a)| a);
                         match self.push_to(slot, lane, frame, reply, pinned, out) {
-                            Ok(()) if attached => result.delivered += 1,
-                            Ok(()) => result.held += 1,
-                            Err(full) => result.undelivered.push(self.undelivered_full(slot, full)),
+                            Ok(()) if attached => delivered += 1,
+                            Ok(()) => held += 1,
+                            Err(full) => undelivered.push(self.undelivered_full(slot, full)),
                         }
                         continue;
                     }
                     if let Phase::Failed { .. } = self.slots[slot].phase {
                         let s = &self.slots[slot];
-                        result.undelivered.push(Undelivered {
+                        undelivered.push(Undelivered {
                             code: Code::Unavailable,
                             message: format!(
                                 "{} has failed: it passed its restart limit and stays empty",
@@ -981,15 +983,12 @@ impl Router {
                         continue;
                     }
                     let attached = self.is_attached(slot);
-                    let frame = Outbound::Message {
-                        seq: 0,
-                        delivery: delivery.clone(),
-                    };
+                    let frame = Outbound::Message { seq: 0, delivery };
                     match self.push(slot, frame, reply, pinned, out) {
                         Ok(()) => {
                             self.slots[slot].delivered += 1;
                             if attached {
-                                result.delivered += 1;
+                                delivered += 1;
                                 let high = self.high_watermark();
                                 let s = &mut self.slots[slot];
                                 if !s.stalled && s.mailbox.messages() >= high {
@@ -997,15 +996,21 @@ impl Router {
                                     congested.push(slot);
                                 }
                             } else {
-                                result.held += 1;
+                                held += 1;
                             }
                         }
-                        Err(full) => result.undelivered.push(self.undelivered_full(slot, full)),
+                        Err(full) => undelivered.push(self.undelivered_full(slot, full)),
                     }
                 }
             }
         }
-        result
+        SendResult {
+            id: req.id,
+            action,
+            delivered,
+            held,
+            undelivered,
+        }
     }
 
     /// Validates a send and resolves its target slots.
