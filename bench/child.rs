@@ -19,7 +19,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -76,8 +75,9 @@ struct Expect {
     received: u64,
     out_of_order: u64,
     gaps: u64,
-    /// Next expected sequence number per sender pid.
-    next: HashMap<u32, u64>,
+    /// Next expected sequence number per sender pid: a few senders, so a
+    /// short list searched in order beats hashing each message's pid.
+    next: Vec<(u32, u64)>,
     done: bool,
 }
 
@@ -104,7 +104,14 @@ fn count(counter: &Counter, events: &Events, action: &str, m: &Message) {
         return;
     }
     let seq = parse_seq(&m.data).unwrap_or(u64::MAX);
-    let next = e.next.entry(m.from.pid).or_insert(0);
+    let at = match e.next.iter().position(|(pid, _)| *pid == m.from.pid) {
+        Some(at) => at,
+        None => {
+            e.next.push((m.from.pid, 0));
+            e.next.len() - 1
+        }
+    };
+    let next = &mut e.next[at].1;
     if seq < *next {
         e.out_of_order += 1;
     } else {

@@ -50,6 +50,12 @@ const EARLY_BUFFER: usize = 4096;
 /// which in turn slows the master's delivery to this process.
 const SUBSCRIPTION_BUFFER: usize = 1024;
 
+/// The largest HTTP/2 frame the master may send (HTTP/2's default is
+/// 16 KiB): the master writes a child's frames in chunks of up to 32 KiB,
+/// and each going as one DATA frame halves the frames to parse and lets
+/// the socket be read in larger pieces.
+const MAX_FRAME_BYTES: u32 = 256 * 1024;
+
 /// How to reach the master and who to register as.
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
@@ -639,7 +645,7 @@ async fn dial(addr: &str) -> Result<tonic::transport::Channel, ConnectError> {
     if let Some(path) = addr.strip_prefix("unix:") {
         let path = path.to_owned();
         // The URI is required by the API but unused: the connector dials the socket.
-        let endpoint = Endpoint::from_static("http://localhost");
+        let endpoint = Endpoint::from_static("http://localhost").max_frame_size(MAX_FRAME_BYTES);
         let connector = tower::service_fn(move |_: tonic::transport::Uri| {
             let path = path.clone();
             async move {
@@ -655,6 +661,7 @@ async fn dial(addr: &str) -> Result<tonic::transport::Channel, ConnectError> {
     }
     let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| bad(&e))?;
     Ok(endpoint
+        .max_frame_size(MAX_FRAME_BYTES)
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10))
         .connect()
@@ -683,13 +690,31 @@ fn send_frame(id: u64, target: Target, action: &str, data: Bytes, want_result: b
 /// The dispatcher's own state: only its task touches it, so handlers run in
 /// arrival order without locks around user code.
 struct Dispatcher {
-    handlers: HashMap<Arc<str>, Vec<Handler>, BuildFnv>,
+    /// Each action's handlers, by the index `actions` gives. Entries are
+    /// never removed, so an index stays valid for the life of the client.
+    handlers: Vec<Vec<Handler>>,
+    /// Where each action's handlers are.
+    actions: HashMap<Arc<str>, usize, BuildFnv>,
+    /// The action of the last message and its index: a run of messages
+    /// with one action shares one `Arc<str>` (the decoder sees to it), so
+    /// the table is looked up once per run, not per message.
+    last: Option<(Arc<str>, usize)>,
     /// Messages that arrived before `ready()` with no handler yet.
     early: VecDeque<Message>,
     buffering: bool,
 }
 
 impl Dispatcher {
+    fn new() -> Self {
+        Dispatcher {
+            handlers: Vec::new(),
+            actions: HashMap::default(),
+            last: None,
+            early: VecDeque::new(),
+            buffering: true,
+        }
+    }
+
     async fn apply(&mut self, inner: &Inner) {
         if !inner.commands_pending.load(Ordering::Acquire) {
             return;
@@ -711,10 +736,15 @@ impl Dispatcher {
                     }
                 }
                 Command::Subscribe(action, handler) => {
-                    self.handlers
-                        .entry(action.clone())
-                        .or_default()
-                        .push(handler);
+                    let index = match self.actions.get(&action) {
+                        Some(&index) => index,
+                        None => {
+                            self.handlers.push(Vec::new());
+                            self.actions.insert(action.clone(), self.handlers.len() - 1);
+                            self.handlers.len() - 1
+                        }
+                    };
+                    self.handlers[index].push(handler);
                     // Replay what arrived for this action before it had a handler.
                     let (matching, rest): (VecDeque<Message>, VecDeque<Message>) =
                         std::mem::take(&mut self.early)
@@ -729,29 +759,86 @@ impl Dispatcher {
         }
     }
 
-    async fn deliver(&mut self, message: Message) {
-        let Some(handlers) = self.handlers.get_mut(&message.action) else {
-            if self.buffering {
-                if self.early.len() == EARLY_BUFFER {
-                    tracing::warn!(action = %message.action, "no handler before ready(): early-message buffer full, dropping the oldest");
-                    self.early.pop_front();
-                }
-                self.early.push_back(message);
-            } else {
-                tracing::debug!(action = %message.action, "no handler for this action; message ignored");
+    /// Where the handlers of `action` are, if it has any.
+    fn index(&mut self, action: &Arc<str>) -> Option<usize> {
+        if let Some((last, index)) = &self.last {
+            if Arc::ptr_eq(last, action) {
+                return Some(*index);
             }
+        }
+        let index = *self.actions.get(action)?;
+        self.last = Some((action.clone(), index));
+        Some(index)
+    }
+
+    /// Delivers `message` to its handlers.
+    async fn deliver(&mut self, message: Message) {
+        if let Some(message) = self.deliver_now(message) {
+            self.deliver_waiting(message).await;
+        }
+    }
+
+    /// Delivers `message` unless one of its handlers is a `subscribe`
+    /// stream (which may make the dispatcher wait): then it comes back.
+    /// Every other case — `on` and `once` handlers, no handler — is
+    /// handled here without a future.
+    fn deliver_now(&mut self, message: Message) -> Option<Message> {
+        let Some(index) = self.index(&message.action) else {
+            self.unhandled(message);
+            return None;
+        };
+        let handlers = &mut self.handlers[index];
+        if handlers.iter().any(|h| matches!(h, Handler::Stream(_))) {
+            return Some(message);
+        }
+        if handlers.is_empty() {
+            self.unhandled(message);
+            return None;
+        }
+        // The last handler takes the message itself; the others a copy.
+        let last = handlers.len() - 1;
+        for handler in &mut handlers[..last] {
+            match handler {
+                Handler::On(f) => call(message.clone(), |m| f(m)),
+                Handler::Once(f) => {
+                    if let Some(f) = f.take() {
+                        call(message.clone(), f);
+                    }
+                }
+                Handler::Stream(_) => {}
+            }
+        }
+        match &mut handlers[last] {
+            Handler::On(f) => call(message, |m| f(m)),
+            Handler::Once(f) => {
+                if let Some(f) = f.take() {
+                    call(message, f);
+                }
+            }
+            Handler::Stream(_) => {}
+        }
+        handlers.retain(|h| !matches!(h, Handler::Once(None)));
+        None
+    }
+
+    /// The general case: handlers in order, waiting for room in a full
+    /// `subscribe` stream; a stream whose receiver is gone is removed.
+    async fn deliver_waiting(&mut self, message: Message) {
+        let Some(index) = self.index(&message.action) else {
+            self.unhandled(message);
             return;
         };
+        let handlers = &mut self.handlers[index];
         let mut i = 0;
         while i < handlers.len() {
             let keep = match &mut handlers[i] {
                 Handler::On(f) => {
-                    call(&message, |m| f(m));
+                    call(message.clone(), |m| f(m));
                     true
                 }
                 Handler::Once(f) => {
                     if let Some(f) = f.take() {
-                        call(&message, f);
+                        call(message.clone(), f);
                     }
                     false
                 }
@@ -762,6 +849,20 @@ impl Dispatcher {
             } else {
                 handlers.remove(i);
             }
+        }
+    }
+
+    /// A message no handler takes: kept for a later handler until
+    /// `ready()`, ignored after.
+    fn unhandled(&mut self, message: Message) {
+        if self.buffering {
+            if self.early.len() == EARLY_BUFFER {
+                tracing::warn!(action = %message.action, "no handler before ready(): early-message buffer full, dropping the oldest");
+                self.early.pop_front();
+            }
+            self.early.push_back(message);
+        } else {
+            tracing::debug!(action = %message.action, "no handler for this action; message ignored");
         }
     }
 }
@@ -793,9 +894,11 @@ impl std::hash::Hasher for Fnv {
 }
 
 /// Runs a user handler; a panic is logged instead of killing the dispatcher.
-fn call<F: FnOnce(Message)>(message: &Message, f: F) {
-    if std::panic::catch_unwind(AssertUnwindSafe(|| f(message.clone()))).is_err() {
-        tracing::error!(action = %message.action, "a message handler panicked; dispatch goes on");
+fn call<F: FnOnce(Message)>(message: Message, f: F) {
+    // Kept for the log line only: a handler owns the message it is given.
+    let action = message.action.clone();
+    if std::panic::catch_unwind(AssertUnwindSafe(|| f(message))).is_err() {
+        tracing::error!(action = %action, "a message handler panicked; dispatch goes on");
     }
 }
 
@@ -914,11 +1017,7 @@ impl Stream for Outgoing {
 }
 
 async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<Option<Inbound>>) {
-    let mut d = Dispatcher {
-        handlers: HashMap::default(),
-        early: VecDeque::new(),
-        buffering: true,
-    };
+    let mut d = Dispatcher::new();
     let master = Origin {
         role: Role::Master,
         pid: inner.identity.master_pid,
@@ -932,7 +1031,9 @@ async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<Option<Inbound>>) {
     let mut acker = Acker::default();
     let mut quiet = Box::pin(tokio::time::sleep(ACK_IDLE));
     let ended_cleanly = loop {
-        d.apply(&inner).await;
+        if inner.commands_pending.load(Ordering::Acquire) {
+            d.apply(&inner).await;
+        }
         // `message()` is cancel-safe: polling it once and dropping it loses
         // nothing. A frame that is already here is handled before acking.
         let frame = match stream.message().now_or_never() {
@@ -985,12 +1086,14 @@ async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<Option<Inbound>>) {
         };
         match out {
             Outbound::Message { seq, delivery: m } => {
-                d.deliver(Message {
+                let message = Message {
                     action: m.action,
                     data: m.data,
                     from: m.from,
-                })
-                .await;
+                };
+                if let Some(message) = d.deliver_now(message) {
+                    d.deliver_waiting(message).await;
+                }
                 acker.handled(&inner, seq);
             }
             Outbound::EggReady => {
