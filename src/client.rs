@@ -25,6 +25,7 @@ use tonic::Streaming;
 
 use crate::convert::{self, ActionText, ClientCodec, Inbound, ToMaster};
 use crate::send_queue::{self, TrySendError};
+use crate::spin::Spin;
 use crate::types::{Code, Identity, Origin, Outbound, Role, SendResult, Target, Undelivered};
 
 /// The action name under which `egg-ready` reaches `on` handlers.
@@ -77,6 +78,11 @@ pub struct ConnectOptions {
     /// (at least 1). The batch the request stream is encoding is held
     /// besides, so at most twice this many frames are in the process.
     pub send_buffer: usize,
+    /// After a frame from the master, how long the dispatcher keeps polling
+    /// for the next one before it sleeps (zero: at once). It trades CPU
+    /// time right after traffic for not paying a wake-up per message; the
+    /// master passes its `[latency] idle_spin_us` in `CLUTCH_IDLE_SPIN_US`.
+    pub idle_spin: Duration,
 }
 
 impl ConnectOptions {
@@ -103,6 +109,17 @@ impl ConnectOptions {
                 ),
             });
         }
+        let idle_spin = match std::env::var(crate::env::IDLE_SPIN_US) {
+            Err(_) => Duration::ZERO,
+            Ok(text) => text
+                .trim()
+                .parse()
+                .map(Duration::from_micros)
+                .map_err(|_| ConnectError::BadEnv {
+                    var: crate::env::IDLE_SPIN_US,
+                    reason: format!("{text:?} is not a whole number of microseconds"),
+                })?,
+        };
         Ok(ConnectOptions {
             addr,
             secret,
@@ -110,6 +127,7 @@ impl ConnectOptions {
             exit_on_disconnect: true,
             acks: true,
             send_buffer: 1024,
+            idle_spin,
         })
     }
 }
@@ -398,7 +416,7 @@ impl Client {
             handled: AtomicU64::new(0),
             exit_on_disconnect: opts.exit_on_disconnect,
         });
-        tokio::spawn(dispatch(inner.clone(), stream));
+        tokio::spawn(dispatch(inner.clone(), stream, Spin::new(opts.idle_spin)));
         tracing::debug!(?identity, "registered with the master");
         Ok(Client { inner })
     }
@@ -1016,7 +1034,7 @@ impl Stream for Outgoing {
     }
 }
 
-async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<Option<Inbound>>) {
+async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<Option<Inbound>>, mut spin: Spin) {
     let mut d = Dispatcher::new();
     let master = Origin {
         role: Role::Master,
@@ -1038,6 +1056,7 @@ async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<Option<Inbound>>) {
         // nothing. A frame that is already here is handled before acking.
         let frame = match stream.message().now_or_never() {
             Some(frame) => {
+                spin.active();
                 if acker.flush(&inner, false) {
                     // While frames keep arriving this loop never waits, and
                     // on a busy (or single-threaded) runtime the connection
@@ -1047,6 +1066,10 @@ async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<Option<Inbound>>) {
                     tokio::task::yield_now().await;
                 }
                 frame
+            }
+            None if spin.keep_polling() => {
+                tokio::task::yield_now().await;
+                continue;
             }
             None if acker.pending() => {
                 acker.flush(&inner, false);

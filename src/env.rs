@@ -13,3 +13,7 @@ pub const WORKER_ID: &str = "CLUTCH_WORKER_ID";
 pub const INCARNATION: &str = "CLUTCH_INCARNATION";
 /// The number of app workers in the cluster.
 pub const WORKERS: &str = "CLUTCH_WORKERS";
+/// How long, in microseconds, the SDK's dispatcher keeps polling after a
+/// frame before it sleeps (0: it sleeps at once). See the master's
+/// `[latency] idle_spin_us`.
+pub const IDLE_SPIN_US: &str = "CLUTCH_IDLE_SPIN_US";

@@ -29,6 +29,7 @@ mod convert;
 pub mod env;
 mod send_queue;
 pub mod server;
+mod spin;
 pub mod types;
 
 /// The generated code. Private: everything outside this crate uses [`types`].

@@ -16,13 +16,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::oneshot;
 use tonic::codegen::{http, Body as HttpBody, BoxFuture, StdError};
 use tonic::server::NamedService;
 use tonic::{Status, Streaming};
 
 use crate::convert::{FromChild, ServerDecoder, ServerFrames};
+use crate::spin::Spin;
 use crate::types::{Identity, Outbound, RegisterError, Registration, SendRequest};
 
 /// The routing core the adapter hands attached children to.
@@ -55,15 +56,20 @@ pub trait Session: Send + Sync + 'static {
     fn detach(&self);
 }
 
-/// Limits on streams that have not registered yet: a client that opens
-/// streams and never registers must not tie up the master.
+/// How the master treats its streams: limits on streams that have not
+/// registered yet (a client that opens streams and never registers must
+/// not tie up the master), and how long a stream keeps polling after a
+/// frame.
 #[derive(Clone, Copy, Debug)]
-pub struct PendingLimits {
+pub struct StreamOptions {
     /// How long a new stream may take to send its register frame.
     pub register_timeout: Duration,
     /// How many streams may wait for their register frame at once; past it
     /// the one that has waited longest is ended with RESOURCE_EXHAUSTED.
     pub max_pending: usize,
+    /// After a frame from a child, how long its stream task keeps polling
+    /// for the next one before it sleeps (zero: at once). See `spin.rs`.
+    pub idle_spin: Duration,
 }
 
 /// Encoded frames for one child: a chunk of its `Attach` response body.
@@ -107,7 +113,7 @@ impl FrameWriter {
 }
 
 /// The tonic service for [`Hub`]; add it to a `tonic::transport::Server`.
-pub fn service<H: Hub>(hub: H, limits: PendingLimits) -> MessengerService<H> {
+pub fn service<H: Hub>(hub: H, limits: StreamOptions) -> MessengerService<H> {
     MessengerService {
         adapter: Arc::new(Adapter {
             hub: Arc::new(hub),
@@ -197,8 +203,8 @@ where
 pub struct Adapter<H> {
     /// The master's routing core.
     hub: Arc<H>,
-    /// Limits on unregistered streams.
-    limits: PendingLimits,
+    /// Limits on unregistered streams, and the polling window.
+    limits: StreamOptions,
     /// Streams waiting for their register frame now.
     pending: Arc<PendingStreams>,
 }
@@ -299,7 +305,12 @@ impl<H: Hub> Adapter<H> {
             .map_err(|e| Status::new(e.code(), e.to_string()))?;
         let session = Arc::new(session);
         let (violation_tx, violation_rx) = oneshot::channel();
-        tokio::spawn(pump_inbound(session.clone(), inbound, violation_tx));
+        tokio::spawn(pump_inbound(
+            session.clone(),
+            inbound,
+            violation_tx,
+            Spin::new(self.limits.idle_spin),
+        ));
         Ok(AttachBody {
             welcome: Some(identity),
             outbound: session.outbound(),
@@ -325,9 +336,21 @@ async fn pump_inbound<S: Session>(
     session: Arc<S>,
     mut inbound: Streaming<FromChild>,
     violation: oneshot::Sender<Status>,
+    mut spin: Spin,
 ) {
     loop {
-        let frame = match inbound.message().await {
+        let next = match inbound.message().now_or_never() {
+            Some(next) => {
+                spin.active();
+                next
+            }
+            None if spin.keep_polling() => {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            None => inbound.message().await,
+        };
+        let frame = match next {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
             Err(status) => {

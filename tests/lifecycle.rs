@@ -49,6 +49,28 @@ async fn egg_ready_comes_once_per_process_and_only_when_all_are_ready() {
     }
 }
 
+/// Every child is told the master's polling window (`[latency]
+/// idle_spin_us`) in `CLUTCH_IDLE_SPIN_US`, and a role's own `env` can
+/// override it.
+#[tokio::test]
+async fn children_get_the_polling_window_and_a_role_env_overrides_it() {
+    let configured = Options::new(1).toml("[latency]\nidle_spin_us = 300");
+    let overridden = Options::new(1)
+        .toml("[latency]\nidle_spin_us = 300")
+        .env("CLUTCH_IDLE_SPIN_US", "0");
+    for (opts, expected) in [(configured, "300"), (overridden, "0")] {
+        let mut c = Cluster::start_ready(opts).await;
+        for worker in [0, 1] {
+            let probe = c.probe_incarnation(worker, 1).await;
+            let hello = c.events_of_pid(probe.pid, "hello")[0].body.clone();
+            assert_eq!(
+                hello["env_idle_spin_us"], expected,
+                "worker {worker}'s CLUTCH_IDLE_SPIN_US: {hello}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn egg_pids_tells_the_agent_the_app_pids_and_the_apps_the_agent_pid() {
     let mut c = Cluster::start_ready(Options::new(2)).await;

@@ -362,6 +362,7 @@ async fn register(addr: &str, secret: &str, role: Role) -> Result<clutch::Client
         exit_on_disconnect: false,
         acks: true,
         send_buffer: 1024,
+        idle_spin: std::time::Duration::ZERO,
     })
     .await
 }

@@ -159,9 +159,10 @@ pub async fn run(config: Config) -> Result<(), MasterError> {
         Hub {
             shared: shared.clone(),
         },
-        clutch::server::PendingLimits {
+        clutch::server::StreamOptions {
             register_timeout: config.register_timeout,
             max_pending: config.max_pending_streams,
+            idle_spin: config.idle_spin,
         },
     ));
     let ops = Ops {
@@ -462,6 +463,7 @@ impl Cluster<'_> {
                 worker_id: slot as u32,
                 incarnation: r.next_incarnation(slot),
                 workers: self.config.workers,
+                idle_spin: self.config.idle_spin,
                 addr: self.addr.clone(),
                 secret: secret.clone(),
             };

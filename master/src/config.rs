@@ -144,7 +144,21 @@ struct File {
     timeouts: Option<TimeoutsFile>,
     restart: Option<RestartFile>,
     admin: Option<AdminFile>,
+    latency: Option<LatencyFile>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LatencyFile {
+    idle_spin_us: Option<u64>,
+}
+
+/// The default polling window after a frame: longer than a round trip
+/// between two children through the master on a small VM (~90 µs), so a
+/// conversation's next frame finds its receiver awake.
+pub const DEFAULT_IDLE_SPIN: Duration = Duration::from_micros(200);
+/// The longest polling window accepted: past this, polling only burns CPU.
+pub const MAX_IDLE_SPIN_US: u64 = 10_000;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -282,6 +296,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// How long a sender waits on a congested receiver.
     pub flow_wait: Duration,
+    /// How long stream tasks (the master's and the Rust SDK's) keep polling
+    /// after a frame before they sleep.
+    pub idle_spin: Duration,
     /// Spawn-to-ready deadline of the agent.
     pub agent_start_timeout: Duration,
     /// Spawn-to-ready deadline of each app worker.
@@ -453,6 +470,18 @@ impl Config {
             },
             shutdown_timeout: ms("timeouts.shutdown_ms", t.shutdown_ms, 5_000)?,
             flow_wait: ms("timeouts.flow_ms", t.flow_ms, 500)?,
+            idle_spin: match file.latency.unwrap_or_default().idle_spin_us {
+                None => DEFAULT_IDLE_SPIN,
+                Some(us) if us > MAX_IDLE_SPIN_US => {
+                    return Err(ConfigError::Invalid {
+                        key: "latency.idle_spin_us",
+                        message: format!(
+                            "is {us}; the limit is {MAX_IDLE_SPIN_US} (polling longer only burns CPU; 0 turns it off)"
+                        ),
+                    })
+                }
+                Some(us) => Duration::from_micros(us),
+            },
             agent_start_timeout: ms("timeouts.agent_start_ms", t.agent_start_ms, 30_000)?,
             app_start_timeout: ms("timeouts.app_start_ms", t.app_start_ms, 30_000)?,
             agent_restart,
@@ -637,6 +666,25 @@ mod tests {
         let c = parse(block).unwrap_or_else(|e| panic!("the README's config: {e}"));
         assert_eq!(c.workers, 4);
         assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.idle_spin, DEFAULT_IDLE_SPIN);
+    }
+
+    #[test]
+    fn the_idle_spin_window_is_microseconds_zero_turns_it_off_and_it_is_bounded() {
+        assert_eq!(parse("").expect("empty").idle_spin, DEFAULT_IDLE_SPIN);
+        let c = parse("[latency]\nidle_spin_us = 0").expect("off");
+        assert_eq!(c.idle_spin, Duration::ZERO);
+        let c = parse("[latency]\nidle_spin_us = 50").expect("50 µs");
+        assert_eq!(c.idle_spin, Duration::from_micros(50));
+        let err = parse("[latency]\nidle_spin_us = 10001")
+            .expect_err("a window past the bound accepted")
+            .to_string();
+        assert!(err.starts_with("latency.idle_spin_us:"), "{err}");
+        assert!(err.contains("10000"), "{err}");
+        let err = parse("[latency]\nspin = 5")
+            .expect_err("unknown key accepted")
+            .to_string();
+        assert!(err.contains("spin"), "{err}");
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct Launch {
     pub incarnation: u32,
     /// The number of app workers.
     pub workers: usize,
+    /// The polling window the child's SDK is told to use.
+    pub idle_spin: Duration,
     /// The master's listen address.
     pub addr: String,
     /// Its single-use secret.
@@ -103,6 +105,10 @@ pub struct SpawnError {
     pub source: std::io::Error,
 }
 
+fn spec_micros(d: Duration) -> String {
+    d.as_micros().to_string()
+}
+
 /// Starts a child and returns its pid. Its output is relayed into the
 /// master's log under its span; its exit is reported on `exits`.
 pub fn spawn(
@@ -126,7 +132,10 @@ pub fn spawn(
     ] {
         cmd.env_remove(private);
     }
+    // The polling window comes before the spec's own environment, so one
+    // role can be given another (`[app] env`); the rest cannot be overridden.
     cmd.args(&spec.args)
+        .env(clutch::env::IDLE_SPIN_US, spec_micros(launch.idle_spin))
         .envs(&spec.env)
         .env(clutch::env::ADDR, &launch.addr)
         .env(clutch::env::SECRET, &launch.secret)

@@ -261,6 +261,7 @@ async fn execute(w: &Worker, reports: &Reports, tallies: &Tallies, cmd: Value) {
                 exit_on_disconnect: false,
                 acks: true,
                 send_buffer: 16,
+                idle_spin: std::time::Duration::ZERO,
             };
             match clutch::Client::connect(options).await {
                 Ok(_) => report(json!({ "event": "connect", "id": id, "ok": true })),

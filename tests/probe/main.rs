@@ -678,6 +678,8 @@ fn connect_control(
         "incarnation": identity.incarnation,
         // CLUTCH_INCARNATION as the master set it, to compare with the welcome.
         "env_incarnation": std::env::var(clutch::env::INCARNATION).ok().and_then(|v| v.trim().parse::<u32>().ok()),
+        // CLUTCH_IDLE_SPIN_US as this process got it.
+        "env_idle_spin_us": std::env::var(clutch::env::IDLE_SPIN_US).ok(),
         // Included so that a test can try to register with a used secret.
         "secret": std::env::var(clutch::env::SECRET).unwrap_or_default(),
     });
