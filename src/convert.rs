@@ -402,32 +402,26 @@ pub(crate) struct ServerDecoder {
     actions: Actions,
 }
 
-impl Decoder for ServerDecoder {
-    type Item = FromChild;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<FromChild>, Status> {
+impl ServerDecoder {
+    /// Decodes one message of a child's stream (the bytes after its gRPC
+    /// prefix, as `grpc_body` hands them out).
+    pub(crate) fn decode(&mut self, message: Bytes) -> Result<FromChild, Status> {
         // The fast path: a frame holding one `Send` (field 3), action and
-        // data its fields 4 and 5, read in place from the contiguous buffer;
-        // the data is handed out without a copy.
-        let chunk = src.chunk();
-        if chunk.len() == src.remaining() {
-            if let Some(f) = parse_one(chunk, 3, 4) {
-                let action = self.actions.get(&chunk[f.first.clone()])?;
-                let [_, id, route, pid, _, _, want_result] = f.numbers;
-                src.advance(f.second.start);
-                let data = src.copy_to_bytes(f.second.len());
-                src.advance(src.remaining());
-                return Ok(Some(FromChild::Send(SendRequest {
-                    id,
-                    target: target_from_pb(route as i32, pid as u32),
-                    action,
-                    data,
-                    want_result: want_result != 0,
-                })));
-            }
+        // data its fields 4 and 5, read in place; the data is a slice of
+        // the message, not a copy.
+        if let Some(f) = parse_one(&message, 3, 4) {
+            let action = self.actions.get(&message[f.first.clone()])?;
+            let [_, id, route, pid, _, _, want_result] = f.numbers;
+            return Ok(FromChild::Send(SendRequest {
+                id,
+                target: target_from_pb(route as i32, pid as u32),
+                action,
+                data: message.slice(f.second),
+                want_result: want_result != 0,
+            }));
         }
-        let frame = <ClientFrameIn as prost::Message>::decode(src).map_err(decode_error)?;
-        self.frame_from_child(frame).map(Some)
+        let frame = <ClientFrameIn as prost::Message>::decode(message).map_err(decode_error)?;
+        self.frame_from_child(frame)
     }
 }
 

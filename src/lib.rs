@@ -27,6 +27,7 @@ pub mod admin;
 pub mod client;
 mod convert;
 pub mod env;
+mod grpc_body;
 mod send_queue;
 pub mod server;
 mod spin;

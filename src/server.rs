@@ -20,9 +20,10 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::oneshot;
 use tonic::codegen::{http, Body as HttpBody, BoxFuture, StdError};
 use tonic::server::NamedService;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use crate::convert::{FromChild, ServerDecoder, ServerFrames};
+use crate::grpc_body::MessageReader;
 use crate::spin::Spin;
 use crate::types::{Identity, Outbound, RegisterError, Registration, SendRequest};
 
@@ -174,15 +175,14 @@ where
         }
         let adapter = self.adapter.clone();
         Box::pin(async move {
-            // The hub enforces its own payload limit with a precise error;
-            // tonic's default of 4 MiB would otherwise cut the stream with a
-            // vaguer one. No compression is offered, so none is accepted.
-            let inbound = Streaming::new_request(
-                ServerDecoder::default(),
-                req.into_body(),
-                None,
-                Some(usize::MAX),
-            );
+            // The hub enforces its own payload limit with a precise error,
+            // so the reader sets none (tonic's default of 4 MiB would cut
+            // the stream with a vaguer one). No compression is offered, so
+            // none is accepted.
+            let inbound = Inbound {
+                reader: MessageReader::new(req.into_body()),
+                decoder: ServerDecoder::default(),
+            };
             Ok(match adapter.attach(inbound).await {
                 Ok(body) => {
                     let mut response = http::Response::new(tonic::body::Body::new(body));
@@ -260,7 +260,11 @@ impl Drop for Ticket {
 }
 
 impl<H: Hub> Adapter<H> {
-    async fn attach(&self, mut inbound: Streaming<FromChild>) -> Result<AttachBody, Status> {
+    async fn attach<B>(&self, mut inbound: Inbound<B>) -> Result<AttachBody, Status>
+    where
+        B: HttpBody + Send + 'static,
+        B::Error: Into<StdError>,
+    {
         // At the cap, the stream that has waited longest makes room: a real
         // child registers within milliseconds, so only silent streams are
         // evicted, and silent streams can never lock children out.
@@ -330,14 +334,42 @@ fn kind_name(kind: &FromChild) -> &'static str {
     }
 }
 
+/// A child's frames: its request body split into messages, decoded.
+struct Inbound<B> {
+    reader: MessageReader<B>,
+    decoder: ServerDecoder,
+}
+
+impl<B> Inbound<B>
+where
+    B: HttpBody,
+    B::Error: Into<StdError>,
+{
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<FromChild>, Status>> {
+        Poll::Ready(match std::task::ready!(self.reader.poll_message(cx)) {
+            Ok(Some(message)) => self.decoder.decode(message).map(Some),
+            Ok(None) => Ok(None),
+            Err(status) => Err(status),
+        })
+    }
+
+    /// The next frame; `None` at the end of the stream. Cancel-safe.
+    async fn message(&mut self) -> Result<Option<FromChild>, Status> {
+        std::future::poll_fn(|cx| self.poll_frame(cx)).await
+    }
+}
+
 /// Reads a child's frames after registration until its stream ends. A
 /// protocol violation ends the child's response stream with a status.
-async fn pump_inbound<S: Session>(
+async fn pump_inbound<S: Session, B>(
     session: Arc<S>,
-    mut inbound: Streaming<FromChild>,
+    mut inbound: Inbound<B>,
     violation: oneshot::Sender<Status>,
     mut spin: Spin,
-) {
+) where
+    B: HttpBody + Send + 'static,
+    B::Error: Into<StdError>,
+{
     loop {
         let next = match inbound.message().now_or_never() {
             Some(next) => {
