@@ -15,15 +15,18 @@ use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
 
-use futures_util::{FutureExt, Stream};
+use futures_util::{FutureExt, Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::EncodeBody;
+use tonic::codegen::http;
 use tonic::transport::Endpoint;
-use tonic::Streaming;
+use tower::Service as _;
 
-use crate::convert::{self, ActionText, ClientCodec, Inbound, ToMaster};
+use crate::convert::{self, ActionText, ClientDecoder, ClientEncoder, Inbound, ToMaster};
+use crate::grpc_body::Messages;
 use crate::send_queue::{self, TrySendError};
 use crate::spin::Spin;
 use crate::types::{Code, Identity, Origin, Outbound, Role, SendResult, Target, Undelivered};
@@ -347,8 +350,7 @@ impl std::fmt::Debug for Client {
 impl Client {
     /// Connects to the master, registers, and starts dispatching.
     pub async fn connect(opts: ConnectOptions) -> Result<Client, ConnectError> {
-        let channel = dial(&opts.addr).await?;
-        let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(usize::MAX);
+        let mut channel = dial(&opts.addr).await?;
         let (frames, rx) = send_queue::channel(opts.send_buffer);
         // The master answers the call only after it has read the register
         // frame, so the frame must be queued before the call is awaited.
@@ -366,24 +368,50 @@ impl Client {
             code: s.code(),
             message: s.message().to_owned(),
         };
-        // The generated client's `attach`, with the protocol layer's own
-        // codec (see `convert.rs`).
-        grpc.ready()
+        // The generated client's `attach`, by hand: the request body is
+        // tonic's encoder over the protocol layer's own (see `convert.rs`);
+        // the response body is read by `grpc_body`, which hands messages
+        // out as slices of what arrived. No message size limit: the master
+        // bounds what it sends.
+        let body = tonic::body::Body::new(EncodeBody::new_client(
+            ClientEncoder,
+            Outgoing {
+                rx,
+                draining: false,
+            }
+            .map(Ok),
+            None,
+            None,
+        ));
+        let request = http::Request::builder()
+            .method(http::Method::POST)
+            .uri("/clutch.v1.Messenger/Attach")
+            .version(http::Version::HTTP_2)
+            .header(http::header::TE, "trailers")
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .body(body)
+            .map_err(|e| ConnectError::Protocol(format!("cannot build the Attach request: {e}")))?;
+        let not_ready =
+            |e: tonic::transport::Error| rejected(tonic::Status::from_error(Box::new(e)));
+        let response = tower::ServiceExt::ready(&mut channel)
             .await
-            .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {e}")))
-            .map_err(rejected)?;
-        let mut stream = grpc
-            .streaming(
-                tonic::Request::new(Outgoing {
-                    rx,
-                    draining: false,
-                }),
-                tonic::codegen::http::uri::PathAndQuery::from_static("/clutch.v1.Messenger/Attach"),
-                ClientCodec,
-            )
+            .map_err(not_ready)?
+            .call(request)
             .await
-            .map_err(rejected)?
-            .into_inner();
+            .map_err(not_ready)?;
+        // A refusal is a trailers-only response: the status is in the head.
+        if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+            if status.code() != tonic::Code::Ok {
+                return Err(rejected(status));
+            }
+        }
+        if response.status() != http::StatusCode::OK {
+            return Err(rejected(tonic::Status::unknown(format!(
+                "the master answered Attach with HTTP status {}",
+                response.status()
+            ))));
+        }
+        let mut stream = Messages::new(response.into_body(), ClientDecoder::default());
         let identity = match stream.message().await.map_err(rejected)?.flatten() {
             Some(Inbound::Welcome(Some(identity))) => identity,
             Some(_) => {
@@ -1034,7 +1062,10 @@ impl Stream for Outgoing {
     }
 }
 
-async fn dispatch(inner: Arc<Inner>, mut stream: Streaming<Option<Inbound>>, mut spin: Spin) {
+/// The master's frames, as this client reads them.
+type FromMaster = Messages<tonic::body::Body, ClientDecoder>;
+
+async fn dispatch(inner: Arc<Inner>, mut stream: FromMaster, mut spin: Spin) {
     let mut d = Dispatcher::new();
     let master = Origin {
         role: Role::Master,

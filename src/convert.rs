@@ -236,10 +236,10 @@ pub(crate) fn send_to_pb(req: SendRequest) -> pb::ClientFrame {
 // the generated types. `wire_tests` checks the bytes against prost's.
 // ---------------------------------------------------------------------------
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use prost::encoding::{encoded_len_varint, key_len, WireType};
 use prost::Message as _;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, EncodeBuf, Encoder};
 use tonic::Status;
 
 /// Encode buffer settings: tonic sends its buffer once it holds 32 KiB
@@ -402,10 +402,11 @@ pub(crate) struct ServerDecoder {
     actions: Actions,
 }
 
-impl ServerDecoder {
+impl crate::grpc_body::DecodeMessage for ServerDecoder {
+    type Item = FromChild;
     /// Decodes one message of a child's stream (the bytes after its gRPC
     /// prefix, as `grpc_body` hands them out).
-    pub(crate) fn decode(&mut self, message: Bytes) -> Result<FromChild, Status> {
+    fn decode_message(&mut self, message: Bytes) -> Result<FromChild, Status> {
         // The fast path: a frame holding one `Send` (field 3), action and
         // data its fields 4 and 5, read in place; the data is a slice of
         // the message, not a copy.
@@ -765,22 +766,6 @@ pub(crate) enum ToMaster {
 }
 
 /// A child's codec for `Attach`.
-#[derive(Default)]
-pub(crate) struct ClientCodec;
-
-impl Codec for ClientCodec {
-    type Encode = ToMaster;
-    type Decode = Option<Inbound>;
-    type Encoder = ClientEncoder;
-    type Decoder = ClientDecoder;
-    fn encoder(&mut self) -> ClientEncoder {
-        ClientEncoder
-    }
-    fn decoder(&mut self) -> ClientDecoder {
-        ClientDecoder::default()
-    }
-}
-
 pub(crate) struct ClientEncoder;
 
 impl Encoder for ClientEncoder {
@@ -854,36 +839,32 @@ pub(crate) struct ClientDecoder {
     actions: Actions,
 }
 
-impl Decoder for ClientDecoder {
+impl crate::grpc_body::DecodeMessage for ClientDecoder {
     type Item = Option<Inbound>;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Option<Inbound>>, Status> {
+    /// Decodes one message from the master (the bytes after its gRPC
+    /// prefix, as `grpc_body` hands them out). `None`: a frame of a kind
+    /// this client does not know, skipped.
+    fn decode_message(&mut self, message: Bytes) -> Result<Option<Inbound>, Status> {
         // The fast path: a frame holding one `Message` (field 2), action and
         // data its fields 1 and 2, read in place (see the master's decoder).
-        let chunk = src.chunk();
-        if chunk.len() == src.remaining() {
-            if let Some(f) = parse_one(chunk, 2, 1) {
-                let action = self.actions.get(&chunk[f.first.clone()])?;
-                let [_, _, _, role, pid, worker_id, seq] = f.numbers;
-                src.advance(f.second.start);
-                let data = src.copy_to_bytes(f.second.len());
-                src.advance(src.remaining());
-                return Ok(Some(Some(Inbound::Outbound(Outbound::Message {
-                    seq,
-                    delivery: Delivery {
-                        action,
-                        data,
-                        from: Origin {
-                            role: role_from_pb(role as i32).unwrap_or(Role::Master),
-                            pid: pid as u32,
-                            worker_id: worker_id as u32,
-                        },
+        if let Some(f) = parse_one(&message, 2, 1) {
+            let action = self.actions.get(&message[f.first.clone()])?;
+            let [_, _, _, role, pid, worker_id, seq] = f.numbers;
+            return Ok(Some(Inbound::Outbound(Outbound::Message {
+                seq,
+                delivery: Delivery {
+                    action,
+                    data: message.slice(f.second),
+                    from: Origin {
+                        role: role_from_pb(role as i32).unwrap_or(Role::Master),
+                        pid: pid as u32,
+                        worker_id: worker_id as u32,
                     },
-                }))));
-            }
+                },
+            })));
         }
-        let frame = <ServerFrameIn as prost::Message>::decode(src).map_err(decode_error)?;
-        Ok(Some(self.inbound(frame)?))
+        let frame = <ServerFrameIn as prost::Message>::decode(message).map_err(decode_error)?;
+        self.inbound(frame)
     }
 }
 

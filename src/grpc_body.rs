@@ -1,20 +1,68 @@
-//! Splitting a gRPC request body into its messages, without copying them.
+//! Splitting a gRPC body into its messages, without copying them.
 //!
-//! A child's `Attach` stream arrives as HTTP/2 DATA frames of up to
+//! Both directions of `Attach` use it: the master reads each child's
+//! request body with it, and a child reads the master's response body.
+//! A stream arrives as HTTP/2 DATA frames of up to
 //! 256 KiB, each holding many gRPC messages (a 5-byte prefix — a
 //! compression flag and a big-endian length — then the message). The
 //! messages that lie whole inside one DATA frame are handed out as slices
 //! of it (a reference count, no copy); only a message cut by a frame
 //! boundary is put together in a small buffer. tonic's reader copies every
 //! byte into its own buffer first and goes through a stream item per
-//! message; on the master's hottest path this reader does neither.
+//! message; on the hottest paths of the master and the SDK this one does
+//! neither. A body's trailers end it with their `grpc-status`.
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tonic::codegen::{Body as HttpBody, StdError};
-use tonic::Status;
+use tonic::{Code, Status};
+
+/// Turns one message's bytes into a value.
+pub(crate) trait DecodeMessage {
+    /// What a message decodes to.
+    type Item;
+    /// Decodes `message` (the bytes after its prefix).
+    fn decode_message(&mut self, message: Bytes) -> Result<Self::Item, Status>;
+}
+
+/// A gRPC body's messages, decoded.
+pub(crate) struct Messages<B, D> {
+    reader: MessageReader<B>,
+    decoder: D,
+}
+
+impl<B, D> Messages<B, D>
+where
+    B: HttpBody,
+    B::Error: Into<StdError>,
+    D: DecodeMessage,
+{
+    pub(crate) fn new(body: B, decoder: D) -> Self {
+        Messages {
+            reader: MessageReader::new(body),
+            decoder,
+        }
+    }
+
+    /// The next value; `None` at the end of the body.
+    pub(crate) fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<D::Item>, Status>> {
+        Poll::Ready(match ready!(self.reader.poll_message(cx)) {
+            Ok(Some(message)) => self.decoder.decode_message(message).map(Some),
+            Ok(None) => Ok(None),
+            Err(status) => Err(status),
+        })
+    }
+
+    /// The next value; `None` at the end of the body. Cancel-safe.
+    pub(crate) async fn message(&mut self) -> Result<Option<D::Item>, Status> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+}
 
 /// The prefix before each message.
 const PREFIX: usize = 5;
@@ -29,6 +77,8 @@ pub(crate) struct MessageReader<B> {
     partial: BytesMut,
     /// The body has ended.
     ended: bool,
+    /// The status its trailers gave, when not OK.
+    failed: Option<Status>,
 }
 
 impl<B> MessageReader<B>
@@ -42,6 +92,7 @@ where
             chunk: Bytes::new(),
             partial: BytesMut::new(),
             ended: false,
+            failed: None,
         }
     }
 
@@ -56,7 +107,7 @@ where
             }
             if self.ended {
                 return Poll::Ready(if self.chunk.is_empty() && self.partial.is_empty() {
-                    Ok(None)
+                    self.failed.take().map_or(Ok(None), Err)
                 } else {
                     Err(Status::invalid_argument(
                         "the stream ended in the middle of a gRPC message",
@@ -64,14 +115,21 @@ where
                 });
             }
             match ready!(self.body.as_mut().poll_frame(cx)) {
-                Some(Ok(frame)) => {
-                    // Trailers on a request carry nothing for us.
-                    if let Ok(mut data) = frame.into_data() {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(mut data) => {
                         let data = data.copy_to_bytes(data.remaining());
                         debug_assert!(self.chunk.is_empty(), "split() consumed the chunk");
                         self.chunk = data;
                     }
-                }
+                    Err(frame) => {
+                        if let Some(status) = frame.trailers_ref().and_then(Status::from_header_map)
+                        {
+                            if status.code() != Code::Ok {
+                                self.failed = Some(status);
+                            }
+                        }
+                    }
+                },
                 Some(Err(e)) => return Poll::Ready(Err(Status::from_error(e.into()))),
                 None => self.ended = true,
             }
@@ -135,6 +193,8 @@ mod tests {
     use std::convert::Infallible;
     use std::future::poll_fn;
 
+    use tonic::codegen::http;
+
     use proptest::prelude::*;
 
     /// A body that yields the given chunks, then ends.
@@ -193,6 +253,53 @@ mod tests {
             let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
             let got = rt.block_on(read_all(chunks)).expect("reads");
             prop_assert_eq!(got, messages);
+        }
+    }
+
+    /// A body of data frames, then trailers.
+    struct WithTrailers(std::collections::VecDeque<http_body::Frame<Bytes>>);
+
+    impl HttpBody for WithTrailers {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    #[tokio::test]
+    async fn trailers_end_the_body_with_their_status_after_its_messages() {
+        for (code, expected) in [("0", None), ("9", Some(tonic::Code::FailedPrecondition))] {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", code.parse().expect("header"));
+            trailers.insert(
+                "grpc-message",
+                "registered%20twice".parse().expect("header"),
+            );
+            let body = WithTrailers(
+                vec![
+                    http_body::Frame::data(Bytes::from(framed(&[b"a".to_vec(), b"b".to_vec()]))),
+                    http_body::Frame::trailers(trailers),
+                ]
+                .into(),
+            );
+            let mut reader = MessageReader::new(body);
+            for m in [&b"a"[..], b"b"] {
+                let got = poll_fn(|cx| reader.poll_message(cx)).await;
+                assert_eq!(got.expect("a message").expect("not the end"), m);
+            }
+            let end = poll_fn(|cx| reader.poll_message(cx)).await;
+            match expected {
+                None => assert!(matches!(end, Ok(None)), "{end:?}"),
+                Some(code) => {
+                    let status = end.expect_err("the trailers' status");
+                    assert_eq!(status.code(), code);
+                    assert_eq!(status.message(), "registered twice");
+                }
+            }
         }
     }
 

@@ -23,7 +23,7 @@ use tonic::server::NamedService;
 use tonic::Status;
 
 use crate::convert::{FromChild, ServerDecoder, ServerFrames};
-use crate::grpc_body::MessageReader;
+use crate::grpc_body::Messages;
 use crate::spin::Spin;
 use crate::types::{Identity, Outbound, RegisterError, Registration, SendRequest};
 
@@ -179,10 +179,7 @@ where
             // so the reader sets none (tonic's default of 4 MiB would cut
             // the stream with a vaguer one). No compression is offered, so
             // none is accepted.
-            let inbound = Inbound {
-                reader: MessageReader::new(req.into_body()),
-                decoder: ServerDecoder::default(),
-            };
+            let inbound = Inbound::new(req.into_body(), ServerDecoder::default());
             Ok(match adapter.attach(inbound).await {
                 Ok(body) => {
                     let mut response = http::Response::new(tonic::body::Body::new(body));
@@ -335,29 +332,7 @@ fn kind_name(kind: &FromChild) -> &'static str {
 }
 
 /// A child's frames: its request body split into messages, decoded.
-struct Inbound<B> {
-    reader: MessageReader<B>,
-    decoder: ServerDecoder,
-}
-
-impl<B> Inbound<B>
-where
-    B: HttpBody,
-    B::Error: Into<StdError>,
-{
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<FromChild>, Status>> {
-        Poll::Ready(match std::task::ready!(self.reader.poll_message(cx)) {
-            Ok(Some(message)) => self.decoder.decode(message).map(Some),
-            Ok(None) => Ok(None),
-            Err(status) => Err(status),
-        })
-    }
-
-    /// The next frame; `None` at the end of the stream. Cancel-safe.
-    async fn message(&mut self) -> Result<Option<FromChild>, Status> {
-        std::future::poll_fn(|cx| self.poll_frame(cx)).await
-    }
-}
+type Inbound<B> = Messages<B, ServerDecoder>;
 
 /// Reads a child's frames after registration until its stream ends. A
 /// protocol violation ends the child's response stream with a status.
