@@ -197,17 +197,17 @@ mod tests {
 
     use proptest::prelude::*;
 
-    /// A body that yields the given chunks, then ends.
-    struct Chunks(std::collections::VecDeque<Bytes>);
+    /// A body that yields the given frames, then ends.
+    struct Frames(std::collections::VecDeque<http_body::Frame<Bytes>>);
 
-    impl HttpBody for Chunks {
+    impl HttpBody for Frames {
         type Data = Bytes;
         type Error = Infallible;
         fn poll_frame(
             mut self: Pin<&mut Self>,
             _cx: &mut Context<'_>,
         ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
-            Poll::Ready(self.0.pop_front().map(|c| Ok(http_body::Frame::data(c))))
+            Poll::Ready(self.0.pop_front().map(Ok))
         }
     }
 
@@ -222,7 +222,9 @@ mod tests {
     }
 
     async fn read_all(chunks: Vec<Bytes>) -> Result<Vec<Vec<u8>>, Status> {
-        let mut reader = MessageReader::new(Chunks(chunks.into()));
+        let mut reader = MessageReader::new(Frames(
+            chunks.into_iter().map(http_body::Frame::data).collect(),
+        ));
         let mut out = Vec::new();
         while let Some(m) = poll_fn(|cx| reader.poll_message(cx)).await? {
             out.push(m.to_vec());
@@ -256,20 +258,6 @@ mod tests {
         }
     }
 
-    /// A body of data frames, then trailers.
-    struct WithTrailers(std::collections::VecDeque<http_body::Frame<Bytes>>);
-
-    impl HttpBody for WithTrailers {
-        type Data = Bytes;
-        type Error = Infallible;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
-            Poll::Ready(self.0.pop_front().map(Ok))
-        }
-    }
-
     #[tokio::test]
     async fn trailers_end_the_body_with_their_status_after_its_messages() {
         for (code, expected) in [("0", None), ("9", Some(tonic::Code::FailedPrecondition))] {
@@ -279,7 +267,7 @@ mod tests {
                 "grpc-message",
                 "registered%20twice".parse().expect("header"),
             );
-            let body = WithTrailers(
+            let body = Frames(
                 vec![
                     http_body::Frame::data(Bytes::from(framed(&[b"a".to_vec(), b"b".to_vec()]))),
                     http_body::Frame::trailers(trailers),
