@@ -411,7 +411,8 @@ impl Client {
                 response.status()
             ))));
         }
-        let mut stream = Messages::new(response.into_body(), ClientDecoder::default());
+        // The master is trusted: it bounds what it sends.
+        let mut stream = Messages::new(response.into_body(), ClientDecoder::default(), usize::MAX);
         let identity = match stream.message().await.map_err(rejected)?.flatten() {
             Some(Inbound::Welcome(Some(identity))) => identity,
             Some(_) => {

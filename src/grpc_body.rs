@@ -39,9 +39,11 @@ where
     B::Error: Into<StdError>,
     D: DecodeMessage,
 {
-    pub(crate) fn new(body: B, decoder: D) -> Self {
+    /// Reads `body`; a message longer than `max_message` bytes ends it
+    /// with RESOURCE_EXHAUSTED (what it holds is never buffered whole).
+    pub(crate) fn new(body: B, decoder: D, max_message: usize) -> Self {
         Messages {
-            reader: MessageReader::new(body),
+            reader: MessageReader::new(body, max_message),
             decoder,
         }
     }
@@ -79,6 +81,8 @@ pub(crate) struct MessageReader<B> {
     ended: bool,
     /// The status its trailers gave, when not OK.
     failed: Option<Status>,
+    /// The longest message accepted.
+    max_message: usize,
 }
 
 impl<B> MessageReader<B>
@@ -86,8 +90,9 @@ where
     B: HttpBody,
     B::Error: Into<StdError>,
 {
-    pub(crate) fn new(body: B) -> Self {
+    pub(crate) fn new(body: B, max_message: usize) -> Self {
         MessageReader {
+            max_message,
             body: Box::pin(body),
             chunk: Bytes::new(),
             partial: BytesMut::new(),
@@ -142,7 +147,7 @@ where
         if !self.partial.is_empty() {
             // Complete the cut message from the new chunk.
             loop {
-                let need = wanted(&self.partial)?;
+                let need = wanted(&self.partial, self.max_message)?;
                 if self.partial.len() >= need {
                     break;
                 }
@@ -158,7 +163,7 @@ where
             return Ok(Some(message));
         }
         if self.chunk.len() >= PREFIX {
-            let need = wanted(&self.chunk)?;
+            let need = wanted(&self.chunk, self.max_message)?;
             if self.chunk.len() >= need {
                 self.chunk.advance(PREFIX);
                 return Ok(Some(self.chunk.split_to(need - PREFIX)));
@@ -174,7 +179,7 @@ where
 
 /// How many bytes the message starting at `head` takes, prefix included
 /// (just the prefix while it is incomplete).
-fn wanted(head: &[u8]) -> Result<usize, Status> {
+fn wanted(head: &[u8], max_message: usize) -> Result<usize, Status> {
     if head.len() < PREFIX {
         return Ok(PREFIX);
     }
@@ -183,8 +188,13 @@ fn wanted(head: &[u8]) -> Result<usize, Status> {
             "a compressed gRPC message: Clutch takes messages uncompressed (compression flag 0)",
         ));
     }
-    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
-    Ok(PREFIX + len as usize)
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if len > max_message {
+        return Err(Status::resource_exhausted(format!(
+            "a gRPC message of {len} bytes; the limit on this stream is {max_message} bytes"
+        )));
+    }
+    Ok(PREFIX + len)
 }
 
 #[cfg(test)]
@@ -222,9 +232,10 @@ mod tests {
     }
 
     async fn read_all(chunks: Vec<Bytes>) -> Result<Vec<Vec<u8>>, Status> {
-        let mut reader = MessageReader::new(Frames(
-            chunks.into_iter().map(http_body::Frame::data).collect(),
-        ));
+        let mut reader = MessageReader::new(
+            Frames(chunks.into_iter().map(http_body::Frame::data).collect()),
+            usize::MAX,
+        );
         let mut out = Vec::new();
         while let Some(m) = poll_fn(|cx| reader.poll_message(cx)).await? {
             out.push(m.to_vec());
@@ -274,7 +285,7 @@ mod tests {
                 ]
                 .into(),
             );
-            let mut reader = MessageReader::new(body);
+            let mut reader = MessageReader::new(body, usize::MAX);
             for m in [&b"a"[..], b"b"] {
                 let got = poll_fn(|cx| reader.poll_message(cx)).await;
                 assert_eq!(got.expect("a message").expect("not the end"), m);
@@ -299,6 +310,26 @@ mod tests {
             .expect_err("a cut message accepted");
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains("middle"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_message_over_the_limit_ends_the_body_before_it_is_buffered() {
+        let bytes = framed(&[b"ok".to_vec(), vec![7; 100]]);
+        // Only the prefix of the long message arrives: the limit is
+        // checked there, not once it is whole.
+        let head = Bytes::copy_from_slice(&bytes[..7 + 5]);
+        let mut reader = MessageReader::new(Frames(vec![http_body::Frame::data(head)].into()), 99);
+        let first = poll_fn(|cx| reader.poll_message(cx)).await;
+        assert_eq!(first.expect("the first").expect("a message"), &b"ok"[..]);
+        let err = poll_fn(|cx| reader.poll_message(cx))
+            .await
+            .expect_err("a message over the limit accepted");
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(err.message().contains("100 bytes"), "{err:?}");
+        assert!(
+            err.message().contains("limit on this stream is 99"),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]

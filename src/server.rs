@@ -71,6 +71,12 @@ pub struct StreamOptions {
     /// After a frame from a child, how long its stream task keeps polling
     /// for the next one before it sleeps (zero: at once). See `spin.rs`.
     pub idle_spin: Duration,
+    /// The longest gRPC message a child may send. A longer one ends its
+    /// stream with RESOURCE_EXHAUSTED as soon as its length is read, so no
+    /// child can make the master buffer an unbounded message. Set it well
+    /// above the hub's own payload limit, so that a send just over that
+    /// limit still gets the hub's precise per-send refusal.
+    pub max_message_bytes: usize,
 }
 
 /// Encoded frames for one child: a chunk of its `Attach` response body.
@@ -175,11 +181,12 @@ where
         }
         let adapter = self.adapter.clone();
         Box::pin(async move {
-            // The hub enforces its own payload limit with a precise error,
-            // so the reader sets none (tonic's default of 4 MiB would cut
-            // the stream with a vaguer one). No compression is offered, so
-            // none is accepted.
-            let inbound = Inbound::new(req.into_body(), ServerDecoder::default());
+            // No compression is offered, so none is accepted.
+            let inbound = Inbound::new(
+                req.into_body(),
+                ServerDecoder::default(),
+                adapter.limits.max_message_bytes,
+            );
             Ok(match adapter.attach(inbound).await {
                 Ok(body) => {
                     let mut response = http::Response::new(tonic::body::Body::new(body));
@@ -361,7 +368,10 @@ async fn pump_inbound<S: Session, B>(
             Ok(Some(frame)) => frame,
             Ok(None) => break,
             Err(status) => {
+                // A frame over the limit or a malformed one: the child is
+                // told why (if it has gone, nobody reads this).
                 tracing::debug!(%status, "child stream failed");
+                let _ = violation.send(status);
                 break;
             }
         };

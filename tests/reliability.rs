@@ -177,6 +177,41 @@ async fn a_stream_whose_first_frame_is_not_register_is_invalid_argument() {
     assert_eq!(c.receipts("sneaky"), vec![0, 0, 0]);
 }
 
+/// A frame far over the payload limit ends its stream as soon as its length
+/// is read (the master never buffers it), while a send just over the limit
+/// gets the router's precise per-send refusal (see
+/// `bad_sends_are_refused_with_the_configured_limit_in_the_reason`).
+#[tokio::test]
+async fn a_frame_far_over_the_payload_limit_ends_its_stream_with_the_limit_named() {
+    let mut c = Cluster::start_ready(
+        Options::new(1)
+            .actions(&[CHECK])
+            .toml("[limits]\nmax_action_bytes = 16\nmax_payload_bytes = 64"),
+    )
+    .await;
+    let addr = c.addr().await;
+    // 2 × (64 + 16) + 64 KiB is the largest frame a stream takes.
+    let limit = 2 * (64 + 16) + 64 * 1024;
+    let status = refused(
+        &mut c,
+        &addr,
+        "a frame over the limit",
+        vec![vec![0; limit + 1]],
+    )
+    .await;
+    assert_status(
+        &mut c,
+        "a frame over the limit",
+        &status,
+        Code::ResourceExhausted,
+        &[
+            &format!("{} bytes", limit + 1),
+            &format!("limit on this stream is {limit} bytes"),
+        ],
+    );
+    assert_still_working(&mut c, "after-a-huge-frame", &[AGENT, 1]).await;
+}
+
 /// A cluster whose app worker 2 (first incarnation) says hello with its
 /// secret before registering and waits for the `register` command: its slot
 /// is spawned but not registered for as long as the test needs.

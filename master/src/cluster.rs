@@ -163,6 +163,12 @@ pub async fn run(config: Config) -> Result<(), MasterError> {
             register_timeout: config.register_timeout,
             max_pending: config.max_pending_streams,
             idle_spin: config.idle_spin,
+            // Twice what a valid send can hold, and room for its fields: a
+            // send over the payload limit is refused precisely by the
+            // router; only a frame far past it ends the stream.
+            max_message_bytes: 2
+                * (config.limits.max_payload_bytes + config.limits.max_action_bytes)
+                + 64 * 1024,
         },
     ));
     let ops = Ops {
