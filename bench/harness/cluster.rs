@@ -188,6 +188,10 @@ impl Cluster {
             .stderr(Stdio::piped())
             // Its own process group, so a stuck cluster can be killed whole.
             .process_group(0);
+        // If the harness is killed (Ctrl-C, a timeout), the master goes too,
+        // and with it every child (they die with the master): no cluster
+        // is left running to disturb the next measurement.
+        master::supervisor::die_with_parent(&mut cmd);
 
         let (events_tx, events) = mpsc::unbounded_channel();
         let procs = Arc::new(Mutex::new(HashMap::new()));

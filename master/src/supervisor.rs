@@ -152,7 +152,7 @@ pub fn spawn(
     if let Some(cwd) = &spec.cwd {
         cmd.current_dir(cwd);
     }
-    die_with_master(&mut cmd);
+    die_with_parent(cmd.as_std_mut());
     let mut child = cmd.spawn().map_err(|source| SpawnError {
         what: what.to_owned(),
         command: spec.command.display().to_string(),
@@ -200,13 +200,17 @@ pub fn spawn(
     Ok(pid)
 }
 
-/// Asks the kernel to SIGKILL the child when the master dies, so that a
+/// Asks the kernel to SIGKILL the child when its parent dies, so that a
 /// child that does not use an SDK, or is stuck, still goes away when the
 /// master is killed with SIGKILL. (Grandchildren are not covered by this;
-/// they go with their process group when the master stops in order.)
+/// they go with their process group when the master stops in order.) The
+/// benchmark harness uses it for the masters it starts. The signal comes
+/// when the spawning *thread* ends, so spawn from a thread that lives as
+/// long as the parent means to.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn die_with_master(cmd: &mut Command) {
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
     let master = nix::unistd::getpid();
     // SAFETY: `pre_exec` runs in the forked child before exec, where only
     // async-signal-safe calls are allowed. The closure makes exactly two
@@ -227,8 +231,10 @@ fn die_with_master(cmd: &mut Command) {
     }
 }
 
+/// Elsewhere there is no parent-death signal; children stop when the
+/// master stops in order.
 #[cfg(not(target_os = "linux"))]
-fn die_with_master(_cmd: &mut Command) {}
+pub fn die_with_parent(_cmd: &mut std::process::Command) {}
 
 /// The one span per child process: its output, its stream and its exit
 /// all log under it.
