@@ -1088,7 +1088,6 @@ async fn dispatch(inner: Arc<Inner>, mut stream: FromMaster, mut spin: Spin) {
         // nothing. A frame that is already here is handled before acking.
         let frame = match stream.message().now_or_never() {
             Some(frame) => {
-                spin.active();
                 if acker.flush(&inner, false) {
                     // While frames keep arriving this loop never waits, and
                     // on a busy (or single-threaded) runtime the connection
@@ -1124,6 +1123,9 @@ async fn dispatch(inner: Arc<Inner>, mut stream: FromMaster, mut spin: Spin) {
                 }
             }
         };
+        // However it came (at once, while polling, or after sleeping), a
+        // frame starts a new polling window.
+        spin.active();
         let out = match frame {
             Ok(Some(frame)) => match frame {
                 Some(Inbound::Outbound(out)) => out,

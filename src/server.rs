@@ -354,16 +354,16 @@ async fn pump_inbound<S: Session, B>(
 {
     loop {
         let next = match inbound.message().now_or_never() {
-            Some(next) => {
-                spin.active();
-                next
-            }
+            Some(next) => next,
             None if spin.keep_polling() => {
                 tokio::task::yield_now().await;
                 continue;
             }
             None => inbound.message().await,
         };
+        // However it came (at once, while polling, or after sleeping), a
+        // frame starts a new polling window.
+        spin.active();
         let frame = match next {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
