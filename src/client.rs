@@ -28,7 +28,6 @@ use tower::Service as _;
 use crate::convert::{self, ActionText, ClientDecoder, ClientEncoder, Inbound, ToMaster};
 use crate::grpc_body::Messages;
 use crate::send_queue::{self, TrySendError};
-use crate::spin::Spin;
 use crate::types::{Code, Identity, Origin, Outbound, Role, SendResult, Target, Undelivered};
 
 /// The action name under which `egg-ready` reaches `on` handlers.
@@ -412,7 +411,12 @@ impl Client {
             ))));
         }
         // The master is trusted: it bounds what it sends.
-        let mut stream = Messages::new(response.into_body(), ClientDecoder::default(), usize::MAX);
+        let mut stream = Messages::new(
+            response.into_body(),
+            ClientDecoder::default(),
+            usize::MAX,
+            opts.idle_spin,
+        );
         let identity = match stream.message().await.map_err(rejected)?.flatten() {
             Some(Inbound::Welcome(Some(identity))) => identity,
             Some(_) => {
@@ -445,7 +449,7 @@ impl Client {
             handled: AtomicU64::new(0),
             exit_on_disconnect: opts.exit_on_disconnect,
         });
-        tokio::spawn(dispatch(inner.clone(), stream, Spin::new(opts.idle_spin)));
+        tokio::spawn(dispatch(inner.clone(), stream));
         tracing::debug!(?identity, "registered with the master");
         Ok(Client { inner })
     }
@@ -1066,7 +1070,7 @@ impl Stream for Outgoing {
 /// The master's frames, as this client reads them.
 type FromMaster = Messages<tonic::body::Body, ClientDecoder>;
 
-async fn dispatch(inner: Arc<Inner>, mut stream: FromMaster, mut spin: Spin) {
+async fn dispatch(inner: Arc<Inner>, mut stream: FromMaster) {
     let mut d = Dispatcher::new();
     let master = Origin {
         role: Role::Master,
@@ -1098,7 +1102,7 @@ async fn dispatch(inner: Arc<Inner>, mut stream: FromMaster, mut spin: Spin) {
                 }
                 frame
             }
-            None if spin.keep_polling() => {
+            None if stream.keep_polling() => {
                 tokio::task::yield_now().await;
                 continue;
             }
@@ -1123,9 +1127,6 @@ async fn dispatch(inner: Arc<Inner>, mut stream: FromMaster, mut spin: Spin) {
                 }
             }
         };
-        // However it came (at once, while polling, or after sleeping), a
-        // frame starts a new polling window.
-        spin.active();
         let out = match frame {
             Ok(Some(frame)) => match frame {
                 Some(Inbound::Outbound(out)) => out,

@@ -14,10 +14,13 @@
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tonic::codegen::{Body as HttpBody, StdError};
 use tonic::{Code, Status};
+
+use crate::spin::Spin;
 
 /// Turns one message's bytes into a value.
 pub(crate) trait DecodeMessage {
@@ -27,10 +30,13 @@ pub(crate) trait DecodeMessage {
     fn decode_message(&mut self, message: Bytes) -> Result<Self::Item, Status>;
 }
 
-/// A gRPC body's messages, decoded.
+/// A gRPC body's messages, decoded, with the polling window of the task
+/// that reads them (`spin.rs`): every message it hands out, however the
+/// reader came to wait for it, starts a new window.
 pub(crate) struct Messages<B, D> {
     reader: MessageReader<B>,
     decoder: D,
+    spin: Spin,
 }
 
 impl<B, D> Messages<B, D>
@@ -41,11 +47,19 @@ where
 {
     /// Reads `body`; a message longer than `max_message` bytes ends it
     /// with RESOURCE_EXHAUSTED (what it holds is never buffered whole).
-    pub(crate) fn new(body: B, decoder: D, max_message: usize) -> Self {
+    /// `idle_spin` is the reader's polling window after each message.
+    pub(crate) fn new(body: B, decoder: D, max_message: usize, idle_spin: Duration) -> Self {
         Messages {
             reader: MessageReader::new(body, max_message),
             decoder,
+            spin: Spin::new(idle_spin),
         }
+    }
+
+    /// Nothing is here now: whether the reader should yield and look again
+    /// instead of sleeping (see [`Spin::keep_polling`]).
+    pub(crate) fn keep_polling(&mut self) -> bool {
+        self.spin.keep_polling()
     }
 
     /// The next value; `None` at the end of the body.
@@ -53,7 +67,9 @@ where
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<D::Item>, Status>> {
-        Poll::Ready(match ready!(self.reader.poll_message(cx)) {
+        let next = ready!(self.reader.poll_message(cx));
+        self.spin.active();
+        Poll::Ready(match next {
             Ok(Some(message)) => self.decoder.decode_message(message).map(Some),
             Ok(None) => Ok(None),
             Err(status) => Err(status),

@@ -24,7 +24,6 @@ use tonic::Status;
 
 use crate::convert::{FromChild, ServerDecoder, ServerFrames};
 use crate::grpc_body::Messages;
-use crate::spin::Spin;
 use crate::types::{Identity, Outbound, RegisterError, Registration, SendRequest};
 
 /// The routing core the adapter hands attached children to.
@@ -186,6 +185,7 @@ where
                 req.into_body(),
                 ServerDecoder::default(),
                 adapter.limits.max_message_bytes,
+                adapter.limits.idle_spin,
             );
             Ok(match adapter.attach(inbound).await {
                 Ok(body) => {
@@ -313,12 +313,7 @@ impl<H: Hub> Adapter<H> {
             .map_err(|e| Status::new(e.code(), e.to_string()))?;
         let session = Arc::new(session);
         let (violation_tx, violation_rx) = oneshot::channel();
-        tokio::spawn(pump_inbound(
-            session.clone(),
-            inbound,
-            violation_tx,
-            Spin::new(self.limits.idle_spin),
-        ));
+        tokio::spawn(pump_inbound(session.clone(), inbound, violation_tx));
         Ok(AttachBody {
             welcome: Some(identity),
             outbound: session.outbound(),
@@ -347,7 +342,6 @@ async fn pump_inbound<S: Session, B>(
     session: Arc<S>,
     mut inbound: Inbound<B>,
     violation: oneshot::Sender<Status>,
-    mut spin: Spin,
 ) where
     B: HttpBody + Send + 'static,
     B::Error: Into<StdError>,
@@ -355,15 +349,12 @@ async fn pump_inbound<S: Session, B>(
     loop {
         let next = match inbound.message().now_or_never() {
             Some(next) => next,
-            None if spin.keep_polling() => {
+            None if inbound.keep_polling() => {
                 tokio::task::yield_now().await;
                 continue;
             }
             None => inbound.message().await,
         };
-        // However it came (at once, while polling, or after sleeping), a
-        // frame starts a new polling window.
-        spin.active();
         let frame = match next {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
