@@ -273,6 +273,27 @@ enum Handler {
     Stream(mpsc::Sender<Message>),
 }
 
+impl Handler {
+    /// Runs an `on` or `once` handler on `message`; returns whether it stays
+    /// registered. A `subscribe` stream is not fed here (feeding it may
+    /// wait): see `Dispatcher::deliver_waiting`.
+    fn run(&mut self, message: Message) -> bool {
+        match self {
+            Handler::On(f) => {
+                call(message, |m| f(m));
+                true
+            }
+            Handler::Once(f) => {
+                if let Some(f) = f.take() {
+                    call(message, f);
+                }
+                false
+            }
+            Handler::Stream(_) => true,
+        }
+    }
+}
+
 /// Changes to the handler table. They are applied by the dispatcher task
 /// before it reads the next frame, so a handler registered before a message
 /// arrives always sees it.
@@ -766,10 +787,9 @@ impl Dispatcher {
         }
     }
 
+    /// Applies the pending commands (the caller has seen
+    /// `commands_pending` set).
     async fn apply(&mut self, inner: &Inner) {
-        if !inner.commands_pending.load(Ordering::Acquire) {
-            return;
-        }
         // Cleared before taking the list: a command pushed meanwhile sets it
         // again and is applied on the next round at the latest.
         inner.commands_pending.store(false, Ordering::Release);
@@ -847,28 +867,17 @@ impl Dispatcher {
             return None;
         }
         // The last handler takes the message itself; the others a copy.
-        let last = handlers.len() - 1;
-        for handler in &mut handlers[..last] {
-            match handler {
-                Handler::On(f) => call(message.clone(), |m| f(m)),
-                Handler::Once(f) => {
-                    if let Some(f) = f.take() {
-                        call(message.clone(), f);
-                    }
-                }
-                Handler::Stream(_) => {}
-            }
-        }
-        match &mut handlers[last] {
-            Handler::On(f) => call(message, |m| f(m)),
-            Handler::Once(f) => {
-                if let Some(f) = f.take() {
-                    call(message, f);
-                }
-            }
-            Handler::Stream(_) => {}
-        }
-        handlers.retain(|h| !matches!(h, Handler::Once(None)));
+        let mut message = Some(message);
+        let mut left = handlers.len();
+        handlers.retain_mut(|handler| {
+            left -= 1;
+            let copy = if left == 0 {
+                message.take()
+            } else {
+                message.clone()
+            };
+            copy.is_none_or(|m| handler.run(m))
+        });
         None
     }
 
@@ -883,17 +892,8 @@ impl Dispatcher {
         let mut i = 0;
         while i < handlers.len() {
             let keep = match &mut handlers[i] {
-                Handler::On(f) => {
-                    call(message.clone(), |m| f(m));
-                    true
-                }
-                Handler::Once(f) => {
-                    if let Some(f) = f.take() {
-                        call(message.clone(), f);
-                    }
-                    false
-                }
                 Handler::Stream(tx) => tx.send(message.clone()).await.is_ok(),
+                other => other.run(message.clone()),
             };
             if keep {
                 i += 1;
@@ -1085,6 +1085,7 @@ async fn dispatch(inner: Arc<Inner>, mut stream: FromMaster) {
     let mut acker = Acker::default();
     let mut quiet = Box::pin(tokio::time::sleep(ACK_IDLE));
     let ended_cleanly = loop {
+        // Checked here rather than in `apply`: no future per message.
         if inner.commands_pending.load(Ordering::Acquire) {
             d.apply(&inner).await;
         }
@@ -1149,6 +1150,8 @@ async fn dispatch(inner: Arc<Inner>, mut stream: FromMaster) {
                     data: m.data,
                     from: m.from,
                 };
+                // `deliver`, without a future unless a `subscribe` stream
+                // takes the message.
                 if let Some(message) = d.deliver_now(message) {
                     d.deliver_waiting(message).await;
                 }
