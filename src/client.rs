@@ -53,12 +53,6 @@ const EARLY_BUFFER: usize = 4096;
 /// which in turn slows the master's delivery to this process.
 const SUBSCRIPTION_BUFFER: usize = 1024;
 
-/// The largest HTTP/2 frame the master may send (HTTP/2's default is
-/// 16 KiB): the master writes a child's frames in chunks of up to 32 KiB,
-/// and each going as one DATA frame halves the frames to parse and lets
-/// the socket be read in larger pieces.
-const MAX_FRAME_BYTES: u32 = 256 * 1024;
-
 /// How to reach the master and who to register as.
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
@@ -717,7 +711,8 @@ async fn dial(addr: &str) -> Result<tonic::transport::Channel, ConnectError> {
     if let Some(path) = addr.strip_prefix("unix:") {
         let path = path.to_owned();
         // The URI is required by the API but unused: the connector dials the socket.
-        let endpoint = Endpoint::from_static("http://localhost").max_frame_size(MAX_FRAME_BYTES);
+        let endpoint =
+            Endpoint::from_static("http://localhost").max_frame_size(crate::MAX_FRAME_BYTES);
         let connector = tower::service_fn(move |_: tonic::transport::Uri| {
             let path = path.clone();
             async move {
@@ -733,7 +728,7 @@ async fn dial(addr: &str) -> Result<tonic::transport::Channel, ConnectError> {
     }
     let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| bad(&e))?;
     Ok(endpoint
-        .max_frame_size(MAX_FRAME_BYTES)
+        .max_frame_size(crate::MAX_FRAME_BYTES)
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10))
         .connect()

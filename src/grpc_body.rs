@@ -82,8 +82,8 @@ where
     }
 }
 
-/// The prefix before each message.
-const PREFIX: usize = 5;
+/// The prefix before each message: a compression flag, then the length.
+pub(crate) const PREFIX: usize = 5;
 
 /// Reads the messages of a gRPC body in order.
 pub(crate) struct MessageReader<B> {

@@ -16,7 +16,9 @@
 //! - [`client`]: the child side, the core that `agent-sdk` and `worker-sdk`
 //!   wrap;
 //! - `convert` (private): wire ⇄ domain conversions;
-//! - `send_queue` (private): the client's bounded queue of frames to write.
+//! - `grpc_body` (private): a gRPC body split into its messages, no copy;
+//! - `send_queue` (private): the client's bounded queue of frames to write;
+//! - `spin` (private): the polling window after a frame.
 //!
 //! The wire format is `proto/clutch/v1/messenger.proto`.
 
@@ -32,6 +34,13 @@ mod send_queue;
 pub mod server;
 mod spin;
 pub mod types;
+
+/// The largest HTTP/2 frame either end of a `Messenger` stream accepts
+/// (HTTP/2's default is 16 KiB): each end writes frames in chunks of up to
+/// 32 KiB, and each chunk going as one DATA frame halves the frames to
+/// parse and lets sockets be read in larger pieces (fewer system calls per
+/// message). The master's listener and the SDK's channel both set it.
+pub const MAX_FRAME_BYTES: u32 = 256 * 1024;
 
 /// The generated code. Private: everything outside this crate uses [`types`].
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -28,12 +28,6 @@ use crate::config::Listen;
 use crate::metadata_limit::MetadataLimitLayer;
 
 /// Concurrent streams one HTTP/2 connection may open.
-/// The largest HTTP/2 frame a peer may send (HTTP/2's default is 16 KiB).
-/// A child's SDK writes its frames in chunks of up to 32 KiB; letting each
-/// be one DATA frame halves the frames the master parses, and the master
-/// reads its socket in larger pieces (fewer system calls per message).
-const MAX_FRAME_BYTES: u32 = 256 * 1024;
-
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// The largest metadata (header list) a request may carry; past it the
 /// request is refused with RESOURCE_EXHAUSTED naming the limit.
@@ -124,7 +118,7 @@ impl Listener {
             // what one misbehaving connection can open.
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
-            .max_frame_size(Some(MAX_FRAME_BYTES))
+            .max_frame_size(Some(clutch::MAX_FRAME_BYTES))
             .layer(MetadataLimitLayer {
                 limit: MAX_METADATA_BYTES,
             })
