@@ -932,11 +932,12 @@ impl Router {
         match self.check(&action, &req.data, req.target, from.role) {
             Err(u) => undelivered.push(u),
             Ok(targets) => {
-                let delivery = Delivery {
+                // Taken by the last target, copied for the others.
+                let mut delivery = Some(Delivery {
                     action: action.clone(),
                     data: req.data,
                     from,
-                };
+                });
                 let reply = sender.map(|conn| ReplyTo {
                     sender: conn.slot,
                     sender_incarnation: conn.incarnation,
@@ -946,7 +947,6 @@ impl Router {
                     Some(Target::Pid(pid)) => Some(pid),
                     _ => None,
                 };
-                let mut delivery = Some(delivery);
                 let mut targets = targets.peekable();
                 while let Some((slot, lane)) = targets.next() {
                     let copy = if targets.peek().is_none() {

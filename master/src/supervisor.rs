@@ -105,10 +105,6 @@ pub struct SpawnError {
     pub source: std::io::Error,
 }
 
-fn spec_micros(d: Duration) -> String {
-    d.as_micros().to_string()
-}
-
 /// Starts a child and returns its pid. Its output is relayed into the
 /// master's log under its span; its exit is reported on `exits`.
 pub fn spawn(
@@ -135,7 +131,10 @@ pub fn spawn(
     // The polling window comes before the spec's own environment, so one
     // role can be given another (`[app] env`); the rest cannot be overridden.
     cmd.args(&spec.args)
-        .env(clutch::env::IDLE_SPIN_US, spec_micros(launch.idle_spin))
+        .env(
+            clutch::env::IDLE_SPIN_US,
+            launch.idle_spin.as_micros().to_string(),
+        )
         .envs(&spec.env)
         .env(clutch::env::ADDR, &launch.addr)
         .env(clutch::env::SECRET, &launch.secret)
